@@ -1,0 +1,40 @@
+# `make demo`: set up .venv and run the whole embedded study on the synthetic world.
+# `make test`: set up .venv and run the test suite.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+CORES ?= 2
+SNAKEMAKE := $(VENV)/bin/snakemake
+
+.PHONY: install demo test lint dryrun bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(SNAKEMAKE) --cores $(CORES) --profile workflow/profiles/default
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(SNAKEMAKE) --cores $(CORES) --profile workflow/profiles/default --report results/report.html
+
+test: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(SNAKEMAKE) --lint
+
+dryrun: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(SNAKEMAKE) -n --cores $(CORES)
+
+bench: $(STAMP)
+	$(PY) benchmarks/shards.py
+	$(PY) benchmarks/loader.py
+	$(PY) benchmarks/train_step.py
+
+clean:
+	rm -rf results .snakemake

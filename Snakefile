@@ -1,0 +1,27 @@
+"""Dataset-study pipeline for contrastive SSL: data -> shards -> pretraining grid -> transfer -> report.
+
+`snakemake --cores N` runs the embedded study of config.yaml; `--configfile workflow/configs/paper.yaml` the
+paper-scale one. Artefact paths (the contract between stages) are in ../shared/DESIGN.md and the README.
+"""
+
+from snakemake.utils import min_version, validate
+
+min_version("8.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/pretrain.smk"
+
+
+rule all:
+    input:
+        stats_targets(),
+        pretrain_targets(),
+    default_target: True

@@ -1,0 +1,71 @@
+# Shared helpers: config checks that must fail at DAG construction, quoting, the experiment grid.
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+PY = shlex.quote(sys.executable)
+RES = config["results"]
+ENV = "../workflow/envs/study.yaml"
+DATASETS = config["datasets"]
+VARIANTS = config["variants"]
+
+
+def quoted_json(obj):
+    """One shell word holding `obj` as JSON: rule params pass config sections to the package CLIs."""
+    return shlex.quote(json.dumps(obj, sort_keys=True))
+
+
+def check_config():
+    """Catch what the schema cannot: roots on disk and names that refer to other config keys."""
+    if any(d.get("synthetic") for d in DATASETS.values()) and "synthetic" not in config:
+        raise WorkflowError("config: a dataset has `synthetic: true` but there is no `synthetic:` section; "
+                            "add `synthetic: {out: results/synthetic}` or set the dataset's real root.")
+    for name, ds in DATASETS.items():
+        if not ds.get("synthetic") and not Path(ds["root"]).exists():
+            raise WorkflowError(
+                f"config key datasets.{name}.root: '{ds['root']}' does not exist. Point it at the "
+                f"{ds['format']} dataset on disk (layout in README, 'Datasets') or use --configfile with "
+                f"the right roots.")
+    for exp, spec in config["experiments"].items():
+        for d in spec["datasets"]:
+            if d not in DATASETS:
+                raise WorkflowError(f"config key experiments.{exp}.datasets: unknown dataset '{d}'; "
+                                    f"defined: {sorted(DATASETS)}.")
+        for v in spec["variants"]:
+            if v not in VARIANTS:
+                raise WorkflowError(f"config key experiments.{exp}.variants: unknown variant '{v}'; "
+                                    f"defined: {sorted(VARIANTS)}.")
+
+
+check_config()
+
+
+def pretrain_pairs():
+    """Every (dataset, variant) some experiment asks for, deduplicated and in a stable order."""
+    pairs = []
+    for spec in config["experiments"].values():
+        for d in spec["datasets"]:
+            for v in spec["variants"]:
+                if (d, v) not in pairs:
+                    pairs.append((d, v))
+    return pairs
+
+
+def used_datasets():
+    return sorted({d for d, _ in pretrain_pairs()})
+
+
+def stats_targets():
+    return [f"{RES}/data/{d}/stats.json" for d in used_datasets()]
+
+
+def pretrain_targets():
+    return [f"{RES}/pretrain/{d}/{v}/checkpoint.pt" for d, v in pretrain_pairs()]
+
+
+wildcard_constraints:
+    dataset="|".join(sorted(DATASETS)),
+    variant="|".join(sorted(VARIANTS)),

@@ -1,0 +1,85 @@
+# Data stage: (synthetic world) -> subset list -> webdataset shards + Table-1 statistics.
+
+SYN = config.get("synthetic", {}).get("out", f"{RES}/synthetic")
+
+
+rule synthetic_world:
+    output:
+        f"{SYN}/world.json",
+    params:
+        spec=quoted_json(config.get("synthetic", {}).get("spec", {})),
+    log:
+        f"{RES}/logs/synthetic_world.log",
+    benchmark:
+        f"{RES}/benchmarks/synthetic_world.tsv"
+    conda:
+        ENV
+    shell:
+        "{PY} -m data_prep.synthetic --out {SYN} --spec-json {params.spec} 2> {log}"
+
+
+def dataset_inputs(wildcards):
+    return [f"{SYN}/world.json"] if DATASETS[wildcards.dataset].get("synthetic") else []
+
+
+rule subset:
+    input:
+        dataset_inputs,
+    output:
+        f"{RES}/data/{{dataset}}/subset.csv",
+    params:
+        fmt=lambda wc: DATASETS[wc.dataset]["format"],
+        root=lambda wc: shlex.quote(DATASETS[wc.dataset]["root"]),
+        split=lambda wc: DATASETS[wc.dataset].get("split", "train"),
+        rule=lambda wc: quoted_json(DATASETS[wc.dataset]["subset"]),
+    log:
+        f"{RES}/logs/subset/{{dataset}}.log",
+    benchmark:
+        f"{RES}/benchmarks/subset/{{dataset}}.tsv"
+    conda:
+        ENV
+    shell:
+        "{PY} -m data_prep.subsets --format {params.fmt} --root {params.root} --split {params.split} "
+        "--rule-json {params.rule} --out {output} 2> {log}"
+
+
+rule shards:
+    input:
+        f"{RES}/data/{{dataset}}/subset.csv",
+    output:
+        directory(f"{RES}/data/{{dataset}}/shards"),
+    params:
+        max_per_shard=config["shards"]["max_per_shard"],
+        min_shards=config["shards"]["min_shards"],
+        max_side=(f"--max-side {config['shards']['max_side']}" if config["shards"].get("max_side") else ""),
+        workers=config["shards"].get("workers", 1),
+    threads: config["shards"].get("workers", 1)
+    log:
+        f"{RES}/logs/shards/{{dataset}}.log",
+    benchmark:
+        f"{RES}/benchmarks/shards/{{dataset}}.tsv"
+    conda:
+        ENV
+    shell:
+        "{PY} -m data_prep.shards --subset {input} --out {output} --name {wildcards.dataset} "
+        "--max-per-shard {params.max_per_shard} --min-shards {params.min_shards} {params.max_side} "
+        "--workers {params.workers} 2> {log}"
+
+
+rule stats:
+    input:
+        f"{RES}/data/{{dataset}}/subset.csv",
+    output:
+        f"{RES}/data/{{dataset}}/stats.json",
+    params:
+        many=config.get("stats", {}).get("shots", {}).get("many", 100),
+        few=config.get("stats", {}).get("shots", {}).get("few", 20),
+    log:
+        f"{RES}/logs/stats/{{dataset}}.log",
+    benchmark:
+        f"{RES}/benchmarks/stats/{{dataset}}.tsv"
+    conda:
+        ENV
+    shell:
+        "{PY} -m data_prep.stats --subset {input} --name {wildcards.dataset} --many {params.many} "
+        "--few {params.few} --out {output} 2> {log}"

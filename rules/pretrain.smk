@@ -1,0 +1,39 @@
+# Pretraining stage: one study.train run per (dataset, variant) of the experiments.
+from glob import glob
+
+PRE = config["pretrain"]
+PRE_RES = PRE["resources"]
+HYDRA_CONF = sorted(glob("study/conf/**/*.yaml", recursive=True))
+
+
+def launcher(gpus):
+    """`torchrun` for several GPUs (one process per GPU, DDP), plain python otherwise."""
+    if gpus and int(gpus) > 1:
+        return PRE.get("launcher", "torchrun --standalone --nproc_per_node={gpu}").format(gpu=gpus)
+    return PY
+
+
+rule pretrain:
+    input:
+        shards=f"{RES}/data/{{dataset}}/shards",
+        conf=HYDRA_CONF,
+    output:
+        f"{RES}/pretrain/{{dataset}}/{{variant}}/checkpoint.pt",
+    params:
+        overrides=lambda wc: " ".join(shlex.quote(o) for o in PRE["overrides"] + VARIANTS[wc.variant]),
+        out_dir=lambda wc: f"{RES}/pretrain/{wc.dataset}/{wc.variant}",
+        launcher=launcher(PRE_RES.get("gpu", 0)),
+    threads: PRE_RES.get("threads", 1)
+    resources:
+        mem_mb=PRE_RES.get("mem_mb", 4000),
+        runtime=PRE_RES.get("runtime", 60),
+        gpu=PRE_RES.get("gpu", 0),
+    log:
+        f"{RES}/logs/pretrain/{{dataset}}/{{variant}}.log",
+    benchmark:
+        f"{RES}/benchmarks/pretrain/{{dataset}}/{{variant}}.tsv"
+    conda:
+        ENV
+    shell:
+        "OMP_NUM_THREADS={threads} {params.launcher} -m study.train {params.overrides} "
+        "data.shards={input.shards} out_dir={params.out_dir} progress=false 2> {log}"
