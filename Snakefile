@@ -9,7 +9,12 @@ from snakemake.utils import min_version, validate
 min_version("8.0")
 
 
-configfile: "config.yaml"
+# A complete study config given with --configfile (it has `datasets:`) replaces config.yaml instead of being
+# deep-merged into it (Snakemake's default), so the paper grid does not inherit the synthetic datasets.
+# Partial overrides (--config key=value, or a --configfile without `datasets:`) still apply on top.
+if "datasets" not in config:
+
+    configfile: "config.yaml"
 
 
 validate(config, "workflow/schemas/config.schema.yaml")

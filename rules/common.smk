@@ -23,12 +23,14 @@ def check_config():
     if any(d.get("synthetic") for d in DATASETS.values()) and "synthetic" not in config:
         raise WorkflowError("config: a dataset has `synthetic: true` but there is no `synthetic:` section; "
                             "add `synthetic: {out: results/synthetic}` or set the dataset's real root.")
-    for name, ds in DATASETS.items():
-        if not ds.get("synthetic") and not Path(ds["root"]).exists():
-            raise WorkflowError(
-                f"config key datasets.{name}.root: '{ds['root']}' does not exist. Point it at the "
-                f"{ds['format']} dataset on disk (layout in README, 'Datasets') or use --configfile with "
-                f"the right roots.")
+    missing = [
+        f"  config key datasets.{name}.root: '{ds['root']}' does not exist ({ds['format']} layout expected)"
+        for name, ds in DATASETS.items()
+        if not ds.get("synthetic") and not Path(ds["root"]).exists()
+    ]
+    if missing:
+        raise WorkflowError("dataset roots missing:\n" + "\n".join(missing) + "\nPoint each at the dataset on "
+                            "disk (layouts: README, 'Datasets') or pass a --configfile with the right roots.")
     for exp, spec in config["experiments"].items():
         for d in spec["datasets"]:
             if d not in DATASETS:
