@@ -1,0 +1,418 @@
+"""Evaluate one checkpoint on one transfer target and write one metric JSON (a Snakemake job's unit of work).
+
+    python -m analysis.transfer --checkpoint results/pretrain/D/V/checkpoint.pt --name T \
+        --target-json '{"protocol": "linear", "format": "imagefolder", "root": "..."}' \
+        --cache-dir results/features --out results/transfer/D/V/T.json [--log FILE] [--device cpu]
+
+The target JSON is one entry of the config's ``targets:``; its keys are listed in ``COMMON_DEFAULTS``,
+``PROTOCOL_DEFAULTS`` and ``FORMAT_KEYS``. Unknown keys are logged (not fatal: configs may carry keys for
+other stages), every resolved setting is echoed into the output so a result file says how it was made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from analysis import metrics, protocols
+from analysis.features import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor, FeatureSpec
+from analysis.targets import (
+    ImageSplit,
+    SegmentationSplit,
+    TargetError,
+    VideoSplit,
+    frames_split,
+    load_label_png,
+    load_split,
+)
+
+log = logging.getLogger("analysis.transfer")
+
+FORMAT_KEYS = (
+    "format",
+    "root",
+    "splits",
+    "classes",
+    "resolution",
+    "split_seed",
+    "test_fraction",
+    "protocol",
+    "arch",
+)
+COMMON_DEFAULTS: dict[str, Any] = {
+    "image_size": 224,  # s: Resize(s * resize_ratio) -> CenterCrop(s) for pooled features
+    "resize_ratio": 256 / 224,  # ~1.14; exactly Resize 256 -> CenterCrop 224 at s = 224 (REFERENCE.md)
+    "mean": list(IMAGENET_MEAN),
+    "std": list(IMAGENET_STD),
+    "batch_size": 64,
+    "num_workers": 0,
+    "arch": None,  # expected backbone arch; a checkpoint of another arch is an error
+}
+_LINEAR = {"wd_grid": list(protocols.DEFAULT_WD_GRID), "val_fraction": 0.2, "max_iter": 300, "seed": 0}
+PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "linear": dict(_LINEAR),
+    "knn": {"k": 20, "temperature": 0.07},
+    "voc07_svm": {"C": 0.5, "pos_weight": 2.0, "max_iter": 2000, "ap": "voc"},
+    "segment_retrieval": {
+        "image_size": 448, "layer": "layer4", "stride": 16, "n_segments": 15, "kmeans_iters": 30, "seed": 0,
+        "subset_classes": list(protocols.DEFAULT_SUBSET_CLASSES), "store_dtype": "float16",
+    },
+    "video_propagation": {
+        "short_side": 480, "layer": "layer3", "stride": 8, "topk": 10, "context": 20, "radius": 12,
+        "temperature": 0.05, "bound_th": 0.008, "exclude_last": True, "chunk": 512, "store_dtype": "float16",
+    },
+    "cam": {**_LINEAR, "images": None, "n_images": 8, "cam_class": "predicted", "cam_out": None},
+}  # fmt: skip
+PRIMARY_METRIC = {
+    "linear": None,  # top1 or mAP, by label type
+    "knn": "top1",
+    "voc07_svm": "mAP",
+    "segment_retrieval": None,  # mIoU_<n classes>
+    "video_propagation": "JF_mean",
+    "cam": None,
+}
+
+
+def resolve_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Defaults of the protocol, overridden by the target config; unknown keys are logged."""
+    proto = cfg.get("protocol")
+    if proto not in PROTOCOL_DEFAULTS:
+        raise TargetError(f"target protocol {proto!r} is unknown; choose one of {sorted(PROTOCOL_DEFAULTS)}")
+    settings = {**COMMON_DEFAULTS, **PROTOCOL_DEFAULTS[proto]}
+    unknown = [k for k in cfg if k not in settings and k not in FORMAT_KEYS]
+    if unknown:
+        log.warning("target keys %s are not read by protocol %r", unknown, proto)
+    settings.update({k: v for k, v in cfg.items() if k not in FORMAT_KEYS or k == "arch"})
+    return settings
+
+
+def _pooled_spec(s: Mapping[str, Any]) -> FeatureSpec:
+    return FeatureSpec(
+        size=int(s["image_size"]), pooled=True, crop=True, resize_ratio=float(s["resize_ratio"]),
+        mean=tuple(s["mean"]), std=tuple(s["std"]),
+    )  # fmt: skip
+
+
+def _image_splits(name: str, cfg: Mapping[str, Any]) -> tuple[ImageSplit, ImageSplit]:
+    train, test = load_split(name, cfg, "train"), load_split(name, cfg, "test")
+    if not isinstance(train, ImageSplit) or not isinstance(test, ImageSplit):
+        raise TargetError(
+            f"target {name!r}: protocol {cfg['protocol']!r} needs an image classification format"
+        )
+    return train, test
+
+
+def _labels(split: ImageSplit) -> torch.Tensor:
+    return torch.as_tensor(split.labels)
+
+
+class _LazyMasks(Sequence):
+    def __init__(self, split: SegmentationSplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.split.load_mask(i)
+
+
+def _run_linear(ext: FeatureExtractor, name: str, cfg: Mapping[str, Any], s: dict) -> tuple[dict, int, int]:
+    train, test = _image_splits(name, cfg)
+    spec = _pooled_spec(s)
+    xtr, xte = ext.get(train, spec)["features"].float(), ext.get(test, spec)["features"].float()
+    res = protocols.linear_probe(
+        xtr, _labels(train), xte, _labels(test), len(train.classes), multilabel=train.multilabel,
+        wd_grid=s["wd_grid"], val_fraction=float(s["val_fraction"]), max_iter=int(s["max_iter"]),
+        seed=int(s["seed"]), device=ext.device,
+    )  # fmt: skip
+    return res, len(train), len(test)
+
+
+def _run_knn(ext: FeatureExtractor, name: str, cfg: Mapping[str, Any], s: dict) -> tuple[dict, int, int]:
+    train, test = _image_splits(name, cfg)
+    if train.multilabel:
+        raise TargetError(
+            f"target {name!r}: kNN top-1 needs single-label classes; use protocol 'linear' or 'voc07_svm'"
+        )
+    spec = _pooled_spec(s)
+    xtr, xte = ext.get(train, spec)["features"].float(), ext.get(test, spec)["features"].float()
+    res = protocols.knn_classify(
+        xtr, _labels(train), xte, _labels(test), len(train.classes), k=int(s["k"]),
+        temperature=float(s["temperature"]), device=ext.device,
+    )  # fmt: skip
+    return res, len(train), len(test)
+
+
+def _run_svm(ext: FeatureExtractor, name: str, cfg: Mapping[str, Any], s: dict) -> tuple[dict, int, int]:
+    train, test = _image_splits(name, cfg)
+    if not train.multilabel:
+        raise TargetError(f"target {name!r}: voc07_svm needs a multi-label target (format 'voc07')")
+    spec = _pooled_spec(s)
+    xtr, xte = ext.get(train, spec)["features"].float(), ext.get(test, spec)["features"].float()
+    res = protocols.voc07_svm(
+        xtr, train.labels, xte, test.labels, cost=float(s["C"]), pos_weight=float(s["pos_weight"]),
+        max_iter=int(s["max_iter"]), ap=str(s["ap"]),
+    )  # fmt: skip
+    return res, len(train), len(test)
+
+
+def _run_retrieval(
+    ext: FeatureExtractor, name: str, cfg: Mapping[str, Any], s: dict
+) -> tuple[dict, int, int]:
+    train, test = load_split(name, cfg, "train"), load_split(name, cfg, "test")
+    if not isinstance(train, SegmentationSplit) or not isinstance(test, SegmentationSplit):
+        raise TargetError(f"target {name!r}: segment_retrieval needs format 'voc_seg'")
+    spec = FeatureSpec(
+        size=int(s["image_size"]), pooled=False, crop=False, layer=str(s["layer"]),
+        stride=None if s["stride"] is None else int(s["stride"]), mean=tuple(s["mean"]), std=tuple(s["std"]),
+        store_dtype=str(s["store_dtype"]),
+    )  # fmt: skip
+    ftr, fte = ext.get(train, spec), ext.get(test, spec)
+    res = protocols.segment_retrieval(
+        ftr["features"], _LazyMasks(train), fte["features"], _LazyMasks(test), classes=train.classes,
+        subset_classes=s["subset_classes"], n_segments=int(s["n_segments"]), kmeans_iters=int(s["kmeans_iters"]),
+        seed=int(s["seed"]), ignore_index=train.ignore_index,
+    )  # fmt: skip
+    res["settings"]["feature_stride"] = int(ftr["stride"])
+    res["settings"]["feature_grid"] = list(ftr["features"].shape[-2:])
+    return res, len(train), len(test)
+
+
+def _run_davis(ext: FeatureExtractor, name: str, cfg: Mapping[str, Any], s: dict) -> tuple[dict, int, int]:
+    split = load_split(name, cfg, "test")
+    if not isinstance(split, VideoSplit):
+        raise TargetError(f"target {name!r}: video_propagation needs format 'davis'")
+    per_video: dict[str, tuple[list[float], list[float]]] = {}
+    n_frames, stride = 0, None
+    for video in split.videos:
+        first = load_label_png(video.annotations[0], name)
+        h0, w0 = first.shape
+        short = int(s["short_side"])
+        size = (
+            (short, max(1, round(w0 * short / h0))) if h0 <= w0 else (max(1, round(h0 * short / w0)), short)
+        )
+        spec = FeatureSpec(
+            size=size, pooled=False, crop=False, layer=str(s["layer"]),
+            stride=None if s["stride"] is None else int(s["stride"]), mean=tuple(s["mean"]), std=tuple(s["std"]),
+            store_dtype=str(s["store_dtype"]),
+        )  # fmt: skip
+        blob = ext.get(frames_split(split, video), spec)
+        stride = int(blob["stride"])
+        ids = sorted(int(v) for v in np.unique(first) if v not in (0, 255))
+        lut = np.zeros(256, dtype=np.int64)
+        lut[ids] = np.arange(1, len(ids) + 1)
+        pred = protocols.propagate_labels(
+            blob["features"], lut[first], len(ids) + 1, (h0, w0), topk=int(s["topk"]), context=int(s["context"]),
+            radius=float(s["radius"]), temperature=float(s["temperature"]), chunk=int(s["chunk"]), device=ext.device,
+        )  # fmt: skip
+        gts = [None if a is None else lut[load_label_png(a, name)] for a in video.annotations]
+        per_video[video.name] = protocols.davis_scores(
+            list(pred),
+            gts,
+            range(1, len(ids) + 1),
+            bound_th=float(s["bound_th"]),
+            exclude_last=bool(s["exclude_last"]),
+        )
+        n_frames += len(video.frames)
+        log.info(
+            "DAVIS %s: J %.3f F %.3f",
+            video.name,
+            np.mean(per_video[video.name][0]),
+            np.mean(per_video[video.name][1]),
+        )
+    keys = ("topk", "context", "radius", "temperature", "bound_th", "exclude_last", "short_side", "layer")
+    res = protocols.summarise_davis(per_video, {**{k: s[k] for k in keys}, "feature_stride": stride})
+    return res, 0, n_frames
+
+
+def _select_images(split: ImageSplit, images: Sequence[Any] | None, n: int) -> list[int]:
+    if not images:
+        return list(range(min(n, len(split))))
+    out = []
+    for item in images:
+        if isinstance(item, int):
+            if not 0 <= item < len(split):
+                raise TargetError(
+                    f"target {split.target!r}: CAM image index {item} outside [0, {len(split)})"
+                )
+            out.append(item)
+        else:
+            hits = [i for i, p in enumerate(split.ids) if p == item or p.endswith("/" + str(item))]
+            if not hits:
+                raise TargetError(
+                    f"target {split.target!r}: CAM image {item!r} is not in split {split.split!r}"
+                )
+            out.append(hits[0])
+    return out
+
+
+def _run_cam(
+    ext: FeatureExtractor, name: str, cfg: Mapping[str, Any], s: dict, out: Path | None
+) -> tuple[dict, int, int]:
+    train, test = _image_splits(name, cfg)
+    pooled = _pooled_spec(s)
+    xtr, xte = ext.get(train, pooled)["features"].float(), ext.get(test, pooled)["features"].float()
+    probe = protocols.train_linear_probe(
+        xtr, _labels(train), len(train.classes), multilabel=train.multilabel, wd_grid=s["wd_grid"],
+        val_fraction=float(s["val_fraction"]), max_iter=int(s["max_iter"]), seed=int(s["seed"]), device=ext.device,
+    )  # fmt: skip
+    idx = _select_images(test, s["images"], int(s["n_images"]))
+    sub = ImageSplit(
+        test.target, f"{test.split}-cam", [test.ids[i] for i in idx], test.labels[idx], test.classes,
+        lambda j: test.load(idx[j]), test.multilabel, source=test.source,
+    )  # fmt: skip
+    spatial = FeatureSpec(
+        size=pooled.size, pooled=False, crop=True, resize_ratio=pooled.resize_ratio, layer="layer4",
+        mean=pooled.mean, std=pooled.std,
+    )  # fmt: skip
+    maps = ext.get(sub, spatial)["features"].float()
+    with torch.no_grad():
+        logits = probe.logits(maps.mean((2, 3))).cpu()
+    if s["cam_class"] == "predicted" or train.multilabel:
+        cls = logits.argmax(1).tolist()
+    elif s["cam_class"] == "label":
+        cls = [int(v) for v in test.labels[idx]]
+    else:
+        raise TargetError(
+            f"target {name!r}: cam_class must be 'predicted' or 'label', got {s['cam_class']!r}"
+        )
+    cams = protocols.class_activation_maps(maps, probe.effective_weight, cls)
+    crop = spatial.transform().transforms[:2]
+    pixels = np.stack([np.asarray(crop[1](crop[0](sub.load(j)))) for j in range(len(sub))])
+    cam_path = Path(s["cam_out"]) if s["cam_out"] else (out.with_suffix(".cam.npz") if out else None)
+    if cam_path is not None:
+        cam_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cam_path.with_name(cam_path.name + ".tmp.npz")
+        np.savez_compressed(
+            tmp, cams=cams.astype(np.float32), images=pixels.astype(np.uint8), class_idx=np.asarray(cls),
+            class_names=np.asarray([train.classes[c] for c in cls]), ids=np.asarray(sub.ids),
+            labels=np.asarray(test.labels[idx]),
+        )  # fmt: skip
+        os.replace(tmp, cam_path)
+    with torch.no_grad():
+        test_logits = probe.logits(xte).cpu()
+    if train.multilabel:
+        value = {"mAP": metrics.mean_average_precision(test_logits.numpy(), test.labels)[0]}
+    else:
+        value = {"top1": metrics.top1_accuracy(test_logits, _labels(test))}
+    res = {
+        **value,
+        "n_maps": len(idx),
+        "settings": {"weight_decay": probe.weight_decay, "images": [sub.ids[j] for j in range(len(sub))],
+                     "cam_file": str(cam_path) if cam_path else None},
+    }  # fmt: skip
+    return res, len(train), len(test)
+
+
+def run_target(
+    checkpoint: str | Path,
+    name: str,
+    cfg: Mapping[str, Any],
+    cache_dir: str | Path,
+    *,
+    device: str | None = None,
+    out: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on target ``name`` (config mapping ``cfg``); returns the result record."""
+    t0 = time.time()
+    s = resolve_settings(cfg)
+    ext = FeatureExtractor(
+        checkpoint, cache_dir, expect_arch=s["arch"], target=name, device=device,
+        batch_size=int(s["batch_size"]), num_workers=int(s["num_workers"]), progress=progress,
+    )  # fmt: skip
+    proto = cfg["protocol"]
+    runners = {"linear": _run_linear, "knn": _run_knn, "voc07_svm": _run_svm,
+               "segment_retrieval": _run_retrieval, "video_propagation": _run_davis}  # fmt: skip
+    if proto == "cam":
+        res, n_train, n_test = _run_cam(ext, name, cfg, s, out)
+    else:
+        res, n_train, n_test = runners[proto](ext, name, cfg, s)
+    metric = PRIMARY_METRIC[proto] or next(k for k in res if k in ("top1", "mAP") or k.startswith("mIoU_"))
+    value = res[metric]
+    if not np.isfinite(value):
+        raise ValueError(f"target {name!r}: metric {metric} is {value}; check the splits")
+    proto_settings = res.pop("settings")
+    return {
+        "target": name,
+        "protocol": proto,
+        "metric": metric,
+        "value": float(value),
+        "metrics": res,
+        "settings": {**s, **proto_settings, "format": cfg.get("format"), "root": str(cfg.get("root"))},
+        "seconds": round(time.time() - t0, 3),
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": ext.sha256,
+        "arch": ext.arch,
+        "device": str(ext.device),
+        "n_train": n_train,
+        "n_test": n_test,
+        "feature_cache": {"hits": ext.hits, "misses": ext.misses},
+    }
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, type=Path)
+    ap.add_argument("--target-json", required=True, help="the target's config entry as a JSON object")
+    ap.add_argument("--name", required=True, help="target key (names the cache folder and the result)")
+    ap.add_argument("--cache-dir", default="results/features", type=Path)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--log", type=Path, default=None)
+    ap.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cuda when available)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if args.log:
+        args.log.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(args.log))
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", handlers=handlers
+    )
+    try:
+        cfg = json.loads(args.target_json)
+    except json.JSONDecodeError as exc:
+        ap.error(f"--target-json is not valid JSON: {exc}")
+    if not isinstance(cfg, dict):
+        ap.error("--target-json must be a JSON object")
+    result = run_target(
+        args.checkpoint,
+        args.name,
+        cfg,
+        args.cache_dir,
+        device=args.device,
+        out=args.out,
+        progress=not args.no_progress,
+    )
+    write_json_atomic(result, args.out)
+    log.info(
+        "%s %s = %.4f (%.1fs) -> %s",
+        args.name,
+        result["metric"],
+        result["value"],
+        result["seconds"],
+        args.out,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,270 @@
+"""Feature cache, checkpoint checks, target readers and the transfer CLI on tiny real-layout fixtures."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+
+from analysis import features, targets, transfer
+from analysis.features import CheckpointArchError, FeatureExtractor, FeatureSpec
+
+PALETTE = [v for i in range(256) for v in ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256)]
+
+
+def make_checkpoint(path, arch="resnet18", small_input=True, seed=0):
+    """Backbone checkpoint in the contract's format, built without study/ so these tests stand alone."""
+    torch.manual_seed(seed)
+    net = getattr(torchvision.models, arch)(weights=None)
+    if small_input:
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    feat_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    torch.save(
+        {"backbone": net.state_dict(), "arch": arch, "small_input": small_input, "feat_dim": feat_dim}, path
+    )
+    return path
+
+
+def _jpg(path, colour, size=(40, 40), seed=0):
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.asarray(colour)[None, None] + rng.integers(-20, 20, (size[1], size[0], 3)), 0, 255)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr.astype(np.uint8)).save(path)
+
+
+def _png(path, labels):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = labels.shape
+    im = Image.frombytes("P", (w, h), np.ascontiguousarray(labels, np.uint8).tobytes())
+    im.putpalette(PALETTE)
+    im.save(path)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """Small-input stem (no downsampling before layer1): spatial maps at 16 px inputs, but costlier convs."""
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint.pt")
+
+
+@pytest.fixture(scope="module")
+def ckpt_std(tmp_path_factory):
+    """Standard stem (stride 4): cheap pooled features for the classification tests."""
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt_std") / "checkpoint.pt", small_input=False)
+
+
+@pytest.fixture(scope="module")
+def imagefolder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagefolder")
+    colours = {"red": (200, 30, 30), "blue": (30, 30, 200)}
+    for split, n in (("train", 6), ("val", 3)):
+        for c, col in colours.items():
+            for i in range(n):
+                _jpg(root / split / c / f"{c}_{i}.jpg", col, seed=i + 10 * (split == "val"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory):
+    root = tmp_path_factory.mktemp("voc")
+    voc = root / "VOC2007"
+    ids = {"trainval": [f"00{i:04d}" for i in range(9)], "test": [f"01{i:04d}" for i in range(6)]}
+    colours = [(220, 40, 40), (40, 220, 40), (40, 40, 220)]
+    main = voc / "ImageSets" / "Main"
+    main.mkdir(parents=True)
+    for split, names in ids.items():
+        (main / f"{split}.txt").write_text("".join(n + "\n" for n in names))
+        for c, cls in enumerate(targets.VOC_CLASSES):
+            lines = []
+            for i, n in enumerate(names):
+                flag = " 1" if i % 3 == c else "-1"
+                if split == "trainval" and c == 0 and i == 1:
+                    flag = " 0"  # difficult
+                lines.append(f"{n} {flag}\n")
+            (main / f"{cls}_{split}.txt").write_text("".join(lines))
+        for i, n in enumerate(names):
+            _jpg(voc / "JPEGImages" / f"{n}.jpg", colours[i % 3], seed=i)
+    seg = voc / "ImageSets" / "Segmentation"
+    seg.mkdir(parents=True)
+    for split, names in (("train", ids["trainval"][:4]), ("val", ids["test"][:3])):
+        (seg / f"{split}.txt").write_text("".join(n + "\n" for n in names))
+        for i, n in enumerate(names):
+            mask = np.zeros((40, 40), np.uint8)
+            mask[8:32, 8:24] = 1 if i % 2 == 0 else 15  # aeroplane / person
+            mask[8:32, 7] = 255
+            _png(voc / "SegmentationClass" / f"{n}.png", mask)
+    return root
+
+
+@pytest.fixture(scope="module")
+def davis(tmp_path_factory):
+    root = tmp_path_factory.mktemp("davis")
+    (root / "ImageSets" / "2017").mkdir(parents=True)
+    (root / "ImageSets" / "2017" / "val.txt").write_text("blob\n")
+    for t in range(4):
+        frame = np.full((32, 48, 3), 40, np.uint8)
+        mask = np.zeros((32, 48), np.uint8)
+        frame[8:24, 8 + 2 * t : 20 + 2 * t] = (230, 200, 20)
+        mask[8:24, 8 + 2 * t : 20 + 2 * t] = 1
+        fdir = root / "JPEGImages" / "480p" / "blob"
+        fdir.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(frame).save(fdir / f"{t:05d}.jpg")
+        _png(root / "Annotations" / "480p" / "blob" / f"{t:05d}.png", mask)
+    return root
+
+
+def _count_forwards(monkeypatch):
+    calls = {"n": 0}
+    real = features._run_model
+
+    def counting(net, x, spec):
+        calls["n"] += 1
+        return real(net, x, spec)
+
+    monkeypatch.setattr(features, "_run_model", counting)
+    return calls
+
+
+def test_cache_hit_then_miss_when_checkpoint_bytes_change(tmp_path, imagefolder, monkeypatch):
+    ckpt = make_checkpoint(tmp_path / "c.pt", small_input=False, seed=1)
+    calls = _count_forwards(monkeypatch)
+    split = targets.read_imagefolder("toy", imagefolder, "train")
+    spec = FeatureSpec(size=32)
+    ext = FeatureExtractor(ckpt, tmp_path / "cache", batch_size=5, progress=False)
+    first = ext.get(split, spec)["features"]
+    assert first.shape == (12, 512) and calls["n"] == 3
+    again = FeatureExtractor(ckpt, tmp_path / "cache", progress=False).get(split, spec)["features"]
+    assert calls["n"] == 3  # served from the cache, no forward pass
+    torch.testing.assert_close(first, again)
+    assert ext.sha256 == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert len(list((tmp_path / "cache" / "checkpoints").glob("*.json"))) == 1
+    # other transform settings are another cache entry
+    ext.get(split, FeatureSpec(size=32, resize_ratio=1.0))
+    assert calls["n"] == 6
+    make_checkpoint(ckpt, small_input=False, seed=2)  # same path, new bytes
+    ext2 = FeatureExtractor(ckpt, tmp_path / "cache", batch_size=12, progress=False)
+    changed = ext2.get(split, spec)["features"]
+    assert calls["n"] == 7 and ext2.sha256 != ext.sha256
+    assert not torch.allclose(first, changed)
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_arch_mismatch_names_both(ckpt, tmp_path):
+    with pytest.raises(CheckpointArchError, match="resnet18.*resnet50"):
+        FeatureExtractor(ckpt, tmp_path, expect_arch="resnet50", target="cifar")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        FeatureExtractor(tmp_path / "none.pt", tmp_path)
+
+
+def test_spatial_maps_and_output_stride(ckpt, tmp_path, imagefolder):
+    split = targets.read_imagefolder("toy", imagefolder, "val")
+    ext = FeatureExtractor(ckpt, tmp_path, progress=False)
+    native = ext.get(split, FeatureSpec(size=16, pooled=False, crop=False, layer="layer4"))
+    assert native["features"].shape == (6, 512, 2, 2) and native["stride"] == 8
+    finer = ext.get(split, FeatureSpec(size=16, pooled=False, crop=False, layer="layer4", stride=4))
+    assert finer["features"].shape[-2:] == (4, 4) and finer["stride"] == 4
+    l3 = ext.get(split, FeatureSpec(size=16, pooled=False, crop=False, layer="layer3", stride=8))
+    assert l3["features"].shape[1:] == (256, 4, 4) and l3["stride"] == 4
+    # the pooled feature is the spatial average of the layer4 map of the same (centre-cropped) input
+    pooled = ext.get(split, FeatureSpec(size=16))["features"]
+    maps = ext.get(split, FeatureSpec(size=16, pooled=False, crop=True))["features"]
+    torch.testing.assert_close(maps.mean((2, 3)), pooled, atol=1e-4, rtol=1e-4)
+
+
+def test_target_errors(tmp_path, imagefolder):
+    with pytest.raises(targets.TargetNotFoundError, match=r"'pets'.*nowhere"):
+        targets.load_split("pets", {"format": "imagefolder", "root": str(tmp_path / "nowhere")}, "train")
+    empty = tmp_path / "empty"
+    (empty / "train" / "a").mkdir(parents=True)
+    (empty / "val" / "a").mkdir(parents=True)
+    with pytest.raises(targets.EmptySplitError, match="holds no image"):
+        targets.read_imagefolder("e", empty, "val")
+    with pytest.raises(targets.TargetError, match="unknown target format"):
+        targets.load_split("x", {"format": "tiff", "root": "/"}, "train")
+    with pytest.raises(targets.TargetNotFoundError, match="CIFAR10"):
+        targets.load_split("c10", {"format": "cifar10", "root": str(tmp_path)}, "train")
+    with pytest.raises(targets.TargetError, match="no 'train' split"):
+        targets.load_split("d", {"format": "davis", "root": str(tmp_path)}, "train")
+
+
+def test_voc_readers(voc):
+    tv = targets.read_voc07("voc07", voc, "trainval")
+    assert tv.multilabel and tv.labels.shape == (9, 20)
+    assert tv.raw_labels[1, 0] == 0 and tv.labels[1, 0] == 0  # difficult counts as negative
+    assert tv.labels[:, 0].tolist() == [1, 0, 0, 1, 0, 0, 1, 0, 0]
+    seg = targets.read_voc_seg("vocseg", voc, "val")
+    assert len(seg) == 3 and seg.classes[0] == "background" and len(seg.classes) == 21
+    m = seg.load_mask(1)
+    assert m.dtype == np.uint8 and set(np.unique(m)) == {0, 15, 255}
+    (voc / "VOC2007" / "ImageSets" / "Segmentation" / "empty.txt").write_text("")
+    with pytest.raises(targets.EmptySplitError, match="empty.txt"):
+        targets.read_voc_seg("vocseg", voc, "empty")
+
+
+def test_davis_reader(davis):
+    split = targets.read_davis("davis", davis, "val")
+    assert [v.name for v in split.videos] == ["blob"] and len(split.videos[0].frames) == 4
+    assert all(a is not None for a in split.videos[0].annotations)
+
+
+def _cli(tmp_path, ckpt, name, cfg):
+    out = tmp_path / "transfer" / "D" / "V" / f"{name}.json"
+    argv = ["--checkpoint", str(ckpt), "--name", name, "--target-json", json.dumps(cfg),
+            "--cache-dir", str(tmp_path / "features"), "--out", str(out), "--log", str(tmp_path / "log.txt"),
+            "--no-progress"]  # fmt: skip
+    assert transfer.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert not list(out.parent.glob("*.tmp"))
+    assert {"target", "protocol", "metric", "value", "settings", "seconds", "checkpoint_sha256", "n_train",
+            "n_test"} <= set(res)  # fmt: skip
+    assert res["target"] == name and 0.0 <= res["value"] <= 1.0
+    return res, out
+
+
+def test_cli_classification_protocols(tmp_path, ckpt, ckpt_std, imagefolder, voc):
+    base = {"format": "imagefolder", "root": str(imagefolder), "image_size": 32, "arch": "resnet18"}
+    lin, _ = _cli(
+        tmp_path, ckpt_std, "toy_linear", {**base, "protocol": "linear", "wd_grid": [1e-3], "max_iter": 30}
+    )
+    assert lin["metric"] == "top1" and lin["n_train"] == 12 and lin["n_test"] == 6
+    assert lin["checkpoint_sha256"] == hashlib.sha256(ckpt_std.read_bytes()).hexdigest()
+    knn, _ = _cli(tmp_path, ckpt_std, "toy_knn", {**base, "protocol": "knn", "k": 5})
+    assert knn["metric"] == "top1" and knn["settings"]["k"] == 5
+    assert knn["feature_cache"] == {"hits": 2, "misses": 0}  # the linear probe's features are reused
+    svm, _ = _cli(
+        tmp_path,
+        ckpt_std,
+        "voc07",
+        {"format": "voc07", "root": str(voc), "protocol": "voc07_svm", "image_size": 32},
+    )
+    assert svm["metric"] == "mAP" and svm["n_train"] == 9 and svm["settings"]["C"] == 0.5
+    cam_cfg = {**base, "image_size": 16, "protocol": "cam", "images": [0, "blue_1.jpg"], "max_iter": 20}
+    cam, out = _cli(tmp_path, ckpt, "toy_cam", cam_cfg)
+    maps = np.load(out.with_suffix(".cam.npz"))
+    assert maps["cams"].shape == (2, 2, 2) and maps["images"].shape == (2, 16, 16, 3)
+    assert maps["ids"][1].endswith("blue_1.jpg")
+
+
+def test_cli_dense_protocols(tmp_path, ckpt, voc, davis):
+    seg, _ = _cli(tmp_path, ckpt, "vocseg", {
+        "format": "voc_seg", "root": str(voc), "protocol": "segment_retrieval", "image_size": 16, "stride": 4,
+        "n_segments": 4,
+    })  # fmt: skip
+    assert (
+        seg["metric"] == "mIoU_21"
+        and "mIoU_7" in seg["metrics"]
+        and seg["settings"]["feature_grid"] == [4, 4]
+    )
+    vid, _ = _cli(tmp_path, ckpt, "davis", {
+        "format": "davis", "root": str(davis), "protocol": "video_propagation", "short_side": 16, "radius": 3,
+    })  # fmt: skip
+    assert vid["metric"] == "JF_mean" and vid["metrics"]["n_objects"] == 1 and vid["n_test"] == 4
+    with pytest.raises(targets.TargetError, match="protocol 'nope' is unknown"):
+        transfer.run_target(ckpt, "x", {"protocol": "nope", "format": "davis", "root": str(davis)}, tmp_path)

@@ -1,0 +1,143 @@
+"""Metrics against independent computations: sklearn, brute-force loops and hand-counted contours."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score
+
+from analysis import metrics
+
+
+def test_top1_accuracy_from_indices_and_scores():
+    labels = np.array([0, 1, 2, 1])
+    assert metrics.top1_accuracy(np.array([0, 1, 1, 1]), labels) == pytest.approx(0.75)
+    scores = np.eye(3)[[0, 2, 2, 1]]
+    assert metrics.top1_accuracy(scores, labels) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="empty split"):
+        metrics.top1_accuracy(np.zeros(0), np.zeros(0))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_average_precision_matches_sklearn_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 60)
+    y[0] = 1
+    scores = rng.integers(0, 8, 60).astype(float)  # many ties
+    assert metrics.average_precision(scores, y) == pytest.approx(average_precision_score(y, scores))
+    scores = rng.normal(size=60)
+    assert metrics.average_precision(scores, y) == pytest.approx(average_precision_score(y, scores))
+
+
+def test_interpolated_ap_matches_pointwise_definition():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 40)
+    y[:2] = 1
+    s = rng.normal(size=40)
+    # brute force: AP = sum over positives (in rank order) of 1/P * max precision at any rank >= its rank
+    order = np.argsort(-s)
+    ys = y[order]
+    prec = np.cumsum(ys) / np.arange(1, 41)
+    expected = sum(prec[i:].max() for i in range(40) if ys[i]) / ys.sum()
+    got = metrics.average_precision(s, y, interpolated=True)
+    assert got == pytest.approx(expected)
+    assert got >= metrics.average_precision(s, y) - 1e-12
+
+
+def test_mean_average_precision_skips_classes_without_positives():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, (30, 3))
+    y[:, 2] = 0
+    s = rng.normal(size=(30, 3))
+    m, aps = metrics.mean_average_precision(s, y)
+    assert np.isnan(aps[2])
+    assert m == pytest.approx(np.mean([average_precision_score(y[:, c], s[:, c]) for c in range(2)]))
+    with pytest.raises(ValueError, match="no class has a positive"):
+        metrics.mean_average_precision(s, np.zeros_like(y))
+
+
+def test_knn_matches_brute_force_loop():
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.randn(40, 8, generator=g), torch.randn(9, 8, generator=g)
+    labels = torch.randint(0, 4, (40,), generator=g)
+    k, temp = 5, 0.07
+    votes = metrics.knn_predict(train, labels, test, 4, k=k, temperature=temp, chunk=4)
+    for i in range(9):
+        sims = []
+        for j in range(40):
+            a, b = test[i], train[j]
+            sims.append((float(a @ b / (a.norm() * b.norm())), j))
+        sims.sort(reverse=True)
+        expect = np.zeros(4)
+        for sim, j in sims[:k]:
+            expect[int(labels[j])] += np.exp(sim / temp)
+        np.testing.assert_allclose(votes[i].numpy(), expect, rtol=1e-4)
+        assert int(votes[i].argmax()) == int(expect.argmax())
+
+
+def test_region_similarity_is_mask_iou():
+    rng = np.random.default_rng(5)
+    a, b = rng.random((20, 30)) > 0.5, rng.random((20, 30)) > 0.4
+    inter = sum(1 for i in range(20) for j in range(30) if a[i, j] and b[i, j])
+    union = sum(1 for i in range(20) for j in range(30) if a[i, j] or b[i, j])
+    assert metrics.region_similarity(a, b) == pytest.approx(inter / union)
+    empty = np.zeros((4, 4), bool)
+    assert metrics.region_similarity(empty, empty) == 1.0
+    assert metrics.region_similarity(empty, ~empty) == 0.0
+
+
+def _square(top, left, size=20, shape=(100, 100)):
+    m = np.zeros(shape, bool)
+    m[top : top + size, left : left + size] = True
+    return m
+
+
+def test_contour_accuracy_small_shift_within_tolerance():
+    # 100x100: tolerance ceil(0.008 * 141.4) = 2 px, so a 1 px shift matches every boundary pixel
+    gt = _square(20, 20)
+    assert metrics.contour_accuracy(_square(20, 21), gt) == pytest.approx(1.0)
+    assert metrics.contour_accuracy(_square(21, 21), gt) == pytest.approx(1.0)
+    assert metrics.contour_accuracy(gt, gt) == 1.0
+
+
+def test_contour_accuracy_far_shift_hand_count():
+    # 20x20 squares, rows 20-39 vs 30-49, same columns 20-39; boundary = 76 pixels each, disk radius 2.
+    # Pred boundary pixels within 2 px of the GT boundary: top row cols 20-22 and 37-39 (6), left and right
+    # columns rows 31-41 (11 each) -> 28; by symmetry recall is 28/76 too, so F = 28/76.
+    gt, pred = _square(20, 20), _square(30, 20)
+    assert metrics.mask_boundary(gt).sum() == 76
+    assert metrics.contour_accuracy(pred, gt) == pytest.approx(28 / 76)
+    # disjoint and far apart: nothing matches
+    assert metrics.contour_accuracy(_square(70, 70), gt) == 0.0
+
+
+def test_contour_accuracy_empty_cases():
+    empty = np.zeros((10, 10), bool)
+    assert metrics.contour_accuracy(empty, empty) == 1.0
+    assert metrics.contour_accuracy(empty, _square(2, 2, 4, (10, 10))) == 0.0
+
+
+def test_confusion_matrix_and_miou_against_direct_counts():
+    rng = np.random.default_rng(6)
+    gt = rng.integers(0, 4, (15, 15))
+    gt[0, :5] = 255
+    pred = rng.integers(0, 4, (15, 15))
+    conf = metrics.confusion_matrix(pred, gt, 4, ignore_index=255)
+    assert conf.sum() == (gt != 255).sum()
+    ious = []
+    for c in range(4):
+        valid = gt != 255
+        tp = np.sum((pred == c) & (gt == c) & valid)
+        fp = np.sum((pred == c) & (gt != c) & valid)
+        fn = np.sum((pred != c) & (gt == c) & valid)
+        ious.append(tp / (tp + fp + fn))
+    assert metrics.mean_iou(conf) == pytest.approx(np.mean(ious))
+    assert metrics.mean_iou(conf, [1, 3]) == pytest.approx((ious[1] + ious[3]) / 2)
+    with pytest.raises(ValueError, match="outside"):
+        metrics.confusion_matrix(np.full(3, 7), np.zeros(3, int), 4)
+
+
+def test_miou_ignores_absent_classes():
+    conf = metrics.confusion_matrix(np.array([0, 0, 1]), np.array([0, 0, 1]), 5)
+    assert metrics.mean_iou(conf) == pytest.approx(1.0)
