@@ -23,10 +23,12 @@ validate(config, "workflow/schemas/config.schema.yaml")
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/pretrain.smk"
+include: "rules/transfer.smk"
 
 
 rule all:
     input:
         stats_targets(),
         pretrain_targets(),
+        transfer_targets(),
     default_target: True

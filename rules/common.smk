@@ -11,6 +11,7 @@ RES = config["results"]
 ENV = "../workflow/envs/study.yaml"
 DATASETS = config["datasets"]
 VARIANTS = config["variants"]
+TARGETS = config.get("targets", {})
 
 
 def quoted_json(obj):
@@ -27,9 +28,13 @@ def check_config():
         f"  config key datasets.{name}.root: '{ds['root']}' does not exist ({ds['format']} layout expected)"
         for name, ds in DATASETS.items()
         if not ds.get("synthetic") and not Path(ds["root"]).exists()
+    ] + [
+        f"  config key targets.{name}.root: '{t['root']}' does not exist ({t['format']} layout expected)"
+        for name, t in TARGETS.items()
+        if not t.get("synthetic") and not Path(t["root"]).exists()
     ]
     if missing:
-        raise WorkflowError("dataset roots missing:\n" + "\n".join(missing) + "\nPoint each at the dataset on "
+        raise WorkflowError("dataset / target roots missing:\n" + "\n".join(missing) + "\nPoint each at the dataset on "
                             "disk (layouts: README, 'Datasets') or pass a --configfile with the right roots.")
     for exp, spec in config["experiments"].items():
         for d in spec["datasets"]:
@@ -40,6 +45,10 @@ def check_config():
             if v not in VARIANTS:
                 raise WorkflowError(f"config key experiments.{exp}.variants: unknown variant '{v}'; "
                                     f"defined: {sorted(VARIANTS)}.")
+        for t in spec.get("targets", []):
+            if t not in TARGETS:
+                raise WorkflowError(f"config key experiments.{exp}.targets: unknown target '{t}'; "
+                                    f"defined: {sorted(TARGETS)}.")
 
 
 check_config()
@@ -68,6 +77,32 @@ def pretrain_targets():
     return [f"{RES}/pretrain/{d}/{v}/checkpoint.pt" for d, v in pretrain_pairs()]
 
 
+def transfer_triples():
+    """Every (dataset, variant, target) of the experiments, deduplicated and in a stable order."""
+    triples = []
+    for spec in config["experiments"].values():
+        for d in spec["datasets"]:
+            for v in spec["variants"]:
+                for t in spec.get("targets", []):
+                    if (d, v, t) not in triples:
+                        triples.append((d, v, t))
+    return triples
+
+
+def transfer_targets():
+    return [f"{RES}/transfer/{d}/{v}/{t}.json" for d, v, t in transfer_triples()]
+
+
+def expected_arch(variant):
+    """The backbone a variant trains (last `model=` override wins), so transfer can reject a wrong checkpoint."""
+    arch = "resnet18"
+    for o in config["pretrain"]["overrides"] + VARIANTS[variant]:
+        if o.startswith("model="):
+            arch = o.split("=", 1)[1]
+    return arch
+
+
 wildcard_constraints:
     dataset="|".join(sorted(DATASETS)),
     variant="|".join(sorted(VARIANTS)),
+    target="|".join(sorted(TARGETS)) or "NO_TARGETS",
