@@ -1,0 +1,321 @@
+"""Shard loader for pretraining: webdataset tars -> batches of multi-view crops.
+
+Each shard holds ``{key}.jpg`` (original bytes) and ``{key}.json`` (``class_index``, -1 if none; ``width``,
+``height``). Per sample: sample the geometry (``study.crops.sample_views``), decode the JPEG once with PIL's DCT
+scaling (``Image.draft``) as far as the smallest box still covers its output size, crop+resize every box in one
+PIL call (bilinear, antialiased), mirror flagged views, then the per-view colour pipelines
+(``study.augment.view_pipelines``) to uint8; batches are normalised to float once.
+
+Stream: ``iter(loader)`` gives an endless stream of batches (passes over the shards, reshuffled each pass), so
+a trainer just takes ``steps`` batches. With ``epoch_len`` each ``iter()`` yields exactly that many batches and
+the next ``iter()`` starts a new, differently seeded epoch; resuming at step ``s`` is
+``make_loader(..., start_epoch=s // epoch_len)``. Shards are split disjointly over DDP ranks
+(``wds.split_by_node``) and loader workers (``wds.split_by_worker``); with fewer shards than ranks x workers
+every reader opens all shards and keeps every n-th sample instead (still disjoint, with a warning).
+Randomness (shard order, shuffle buffer, geometry, colour ops) is seeded from (seed, rank, worker, epoch, pass);
+torch's global RNG (and thread count) is swapped in and out around each sample, so ``num_workers=0`` leaves
+the trainer's RNG alone.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import random
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
+
+from study.augment import batch_normalizer, view_pipelines
+from study.crops import CropSpec, crop_spec, sample_views
+
+IMAGE_EXTS = ("jpg", "jpeg", "png")
+DRAFT_FACTORS = (8, 4, 2, 1)  # the DCT scalings libjpeg offers through PIL's draft()
+
+
+class ShardDataError(ValueError):
+    """Shards are missing, empty or unusable; the message names the file and the fix."""
+
+
+def draft_factor(boxes: np.ndarray, sizes: Sequence[int]) -> int:
+    """Largest JPEG DCT reduction (8, 4, 2 or 1) that keeps every box at least its output size on both sides."""
+    boxes = np.asarray(boxes)
+    room = float(np.min(np.minimum(boxes[:, 2], boxes[:, 3]) / np.asarray(sizes, dtype=np.float64)))
+    for r in DRAFT_FACTORS:
+        if room >= r:
+            return r
+    return 1
+
+
+def draft_decode(img: Image.Image, boxes: np.ndarray, sizes: Sequence[int]) -> tuple[Image.Image, float]:
+    """Decode an opened (lazy) image as RGB, JPEG-downscaled by the largest factor the boxes allow.
+
+    Returns ``(image, s)`` where source pixel ``x`` maps to ``x / s`` in the returned image.
+    """
+    s = 1.0
+    r = draft_factor(boxes, sizes)
+    if r > 1 and img.format == "JPEG":
+        W, H = img.size
+        res = img.draft("RGB", (max(1, W // r), max(1, H // r)))
+        if res is not None:
+            s = W / res[1][2]
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    else:
+        img.load()
+    return img, s
+
+
+def decode_for_boxes(data: bytes, boxes: np.ndarray, sizes: Sequence[int]) -> tuple[Image.Image, float]:
+    """``draft_decode`` from encoded bytes."""
+    return draft_decode(Image.open(io.BytesIO(data)), boxes, sizes)
+
+
+def views_from_image(
+    img: Image.Image,
+    boxes: np.ndarray,
+    sizes: Sequence[int],
+    flips: Sequence[bool],
+    pipelines: Sequence[Callable],
+    scale: float = 1.0,
+) -> list[Any]:
+    """Pixels for given geometry: crop each source box (``[top, left, h, w]``, divided by ``scale`` for a
+    downscaled decode), resize to ``sizes[v]`` (bilinear), mirror if ``flips[v]``, apply ``pipelines[v]``.
+
+    Crop and resize are one PIL ``resize(box=...)`` call: it takes fractional boxes (needed after a draft
+    decode) and skips the crop copy; unlike torchvision's crop-then-resize, the filter reads the real pixels
+    just outside the box instead of clamping at its edge, which only touches the outermost output pixels.
+    """
+    if not len(boxes) == len(sizes) == len(flips) == len(pipelines):
+        raise ValueError("boxes, sizes, flips and pipelines need one entry per view")
+    out = []
+    for (top, left, h, w), size, flip, pipe in zip(boxes, sizes, flips, pipelines, strict=True):
+        box = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
+        view = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
+        if flip:
+            view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        out.append(pipe(view))
+    return out
+
+
+class _TorchRNG:
+    """A private torch CPU RNG stream, swapped into the global generator that torchvision transforms use.
+
+    Also runs the per-view ops single-threaded: on tiny images intra-op threads only add overhead (10x slower
+    blurs on a busy 2-core box with ``num_workers=0``); the caller's thread count is restored on exit.
+    """
+
+    def __init__(self, seed: int):
+        g = torch.Generator()
+        g.manual_seed(seed)
+        self.state = g.get_state()
+
+    def __enter__(self) -> None:
+        self._saved = torch.get_rng_state()
+        self._threads = torch.get_num_threads()
+        torch.set_rng_state(self.state)
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        self.state = torch.get_rng_state()
+        torch.set_rng_state(self._saved)
+        torch.set_num_threads(self._threads)
+
+
+def _seed_words(*parts: int) -> list[int]:
+    return [int(p) & 0xFFFFFFFF for p in parts]
+
+
+class ShardStream(IterableDataset):
+    """Iterable of collated batches for the calling rank/worker (see the module docstring)."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        crop_cfg: Any,
+        aug_cfg: Any,
+        batch_size: int,
+        seed: int,
+        shuffle_buffer: int = 1000,
+    ):
+        super().__init__()
+        self.urls = list(urls)
+        self.spec: CropSpec = crop_spec(crop_cfg)
+        self.sizes = self.spec.sizes
+        self.pipelines = view_pipelines(aug_cfg, self.sizes, flip=False, to_float=False)
+        self.normalize = batch_normalizer(aug_cfg)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.epoch = 0
+        self.skipped = 0
+
+    # -- per sample -------------------------------------------------------------------------------------
+    def _process(self, sample: dict, rng: np.random.Generator, trng: _TorchRNG) -> dict | None:
+        key = sample.get("__key__", "?")
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is None:
+            raise ShardDataError(
+                f"{sample.get('__url__', '?')}: sample {key!r} has no image member (.jpg/.jpeg/.png); "
+                "rewrite the shard with data_prep.shards"
+            )
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+        label = meta.get("class_index", -1)
+        try:
+            img = Image.open(io.BytesIO(sample[ext]))  # lazy: reads the header only
+            W, H = img.size
+            boxes, flips, fell_back = sample_views(H, W, self.spec, rng)
+            img, s = draft_decode(img, boxes, self.sizes)
+            with trng:
+                views = views_from_image(img, boxes, self.sizes, flips, self.pipelines, scale=s)
+        except (OSError, ValueError, SyntaxError) as err:  # corrupt / truncated image: skip and count
+            self.skipped += 1
+            warnings.warn(
+                f"skipping sample {key!r} in {sample.get('__url__', '?')}: {err} "
+                f"({self.skipped} skipped so far in this reader)",
+                stacklevel=2,
+            )
+            return None
+        return {"views": views, "label": -1 if label is None else int(label), "fallback": int(fell_back), "key": key}
+
+    def _collate(self, samples: list[dict]) -> dict:
+        views = []
+        for v in range(len(self.sizes)):
+            x = torch.stack([s["views"][v] for s in samples])
+            views.append(self.normalize(x) if x.dtype == torch.uint8 else x)
+        return {
+            "views": views,
+            "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+            "fallbacks": torch.tensor([s["fallback"] for s in samples], dtype=torch.long),
+            "key": [s["key"] for s in samples],
+        }
+
+    # -- stream -----------------------------------------------------------------------------------------
+    def _pass(self, epoch: int, p: int) -> Iterator[dict]:
+        rank, world, worker, n_workers = wds.utils.pytorch_worker_info()
+        readers = world * n_workers
+        order = np.random.default_rng(_seed_words(self.seed, epoch, p)).permutation(len(self.urls))
+        shards = [{"url": self.urls[i]} for i in order]
+        if len(shards) >= readers:
+            mine = list(wds.split_by_worker(wds.split_by_node(shards)))
+            slot = None
+        else:
+            mine, slot = shards, rank * n_workers + worker
+        rng = np.random.default_rng(_seed_words(self.seed, rank, worker, epoch, p))
+        trng = _TorchRNG(int(rng.integers(2**62)))
+        samples: Iterator[dict] = wds.tarfile_to_samples()(iter(mine))
+        if slot is not None:
+            samples = itertools.islice(samples, slot, None, readers)
+        samples = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer),
+                              rng=random.Random(int(rng.integers(2**62))))(samples)
+        for sample in samples:
+            out = self._process(sample, rng, trng)
+            if out is not None:
+                yield out
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        epoch = self.epoch
+        batch: list[dict] = []
+        for p in itertools.count():
+            got = 0
+            for sample in self._pass(epoch, p):
+                got += 1
+                batch.append(sample)
+                if len(batch) == self.batch_size:
+                    yield self._collate(batch)
+                    batch = []
+            if got == 0:
+                raise ShardDataError(
+                    f"reader (rank {rank}, worker {worker}) got no usable samples from {len(self.urls)} shard(s) "
+                    f"(first: {self.urls[0]}); check the shards are non-empty and hold .jpg + .json members"
+                )
+
+
+class ShardLoader:
+    """A DataLoader over ``ShardStream`` that advances the epoch on every ``iter()``.
+
+    ``epoch_len=None``: each ``iter()`` is endless. Otherwise it yields ``epoch_len`` batches per rank.
+    """
+
+    def __init__(self, dataset: ShardStream, num_workers: int, epoch_len: int | None, start_epoch: int = 0):
+        self.dataset = dataset
+        self.num_workers = int(num_workers)
+        self.epoch_len = epoch_len
+        self.epoch = int(start_epoch)
+        self.batch_size = dataset.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        if self.epoch_len is None:
+            raise TypeError("endless ShardLoader has no length; pass epoch_len to make_loader")
+        return self.epoch_len
+
+    def __iter__(self) -> Iterator[dict]:
+        self.dataset.epoch = self.epoch
+        self.epoch += 1
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            prefetch_factor=4 if self.num_workers > 0 else None,
+        )
+        it = iter(loader)
+        if self.epoch_len is None:
+            return it
+        return itertools.islice(it, self.epoch_len)
+
+
+def _check_urls(urls: Sequence[str] | str) -> list[str]:
+    if isinstance(urls, str):
+        urls = list(wds.shardlists.expand_urls(urls))
+    urls = [os.fspath(u) for u in urls]
+    if not urls:
+        raise ShardDataError("no shard URLs given; point the data config at results/data/{dataset}/shards/*.tar")
+    for u in urls:
+        if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u):
+            raise FileNotFoundError(f"shard {u} does not exist; build it first (snakemake results/data/...)")
+    return urls
+
+
+def make_loader(
+    urls: Sequence[str] | str,
+    crop_cfg: Any,
+    aug_cfg: Any,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    epoch_len: int | None,
+    start_epoch: int = 0,
+    shuffle_buffer: int = 1000,
+) -> ShardLoader:
+    """Batches of ``{views: [Tensor(B,3,S_v,S_v)], label: LongTensor(B), fallbacks: LongTensor(B), key: [str]}``.
+
+    ``crop_cfg``/``aug_cfg`` are the ``crop:``/``aug:`` config nodes (DictConfig or dict). Views 0 and 1 are
+    ``crop.size`` square (0 is the key), views 2.. are ``crop.small_size``. Incomplete batches are dropped.
+    """
+    if batch_size < 1 or num_workers < 0:
+        raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
+    if epoch_len is not None and epoch_len < 1:
+        raise ValueError(f"epoch_len must be None (endless) or >= 1, got {epoch_len}")
+    urls = _check_urls(urls)
+    world = wds.utils.pytorch_worker_info()[1]
+    if len(urls) < world * max(1, num_workers):
+        warnings.warn(
+            f"{len(urls)} shards < {world} ranks x {max(1, num_workers)} workers: every reader scans all shards "
+            "and keeps every n-th sample; write more shards (or use fewer workers) for full speed",
+            stacklevel=2,
+        )
+    dataset = ShardStream(urls, crop_cfg, aug_cfg, batch_size, seed, shuffle_buffer)
+    return ShardLoader(dataset, num_workers, epoch_len, start_epoch)

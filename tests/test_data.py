@@ -1,0 +1,153 @@
+"""Shard loader on tiny tars written with webdataset.TarWriter from PIL-made JPEGs."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from study.data import decode_for_boxes, draft_factor, make_loader, views_from_image
+
+PER_SHARD = 12
+
+
+def _jpeg(rng, h, w):
+    arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    labels, urls = {}, []
+    for s in range(2):
+        url = str(root / f"tiny-{s:06d}.tar")
+        with wds.TarWriter(url) as sink:
+            for i in range(PER_SHARD):
+                key = f"s{s}_{i:03d}"
+                h, w = (int(v) for v in rng.integers(48, 160, 2))
+                label = -1 if i % 5 == 4 else int(rng.integers(0, 7))
+                labels[key] = label
+                meta = {"class_index": label, "width": w, "height": h}
+                sink.write({"__key__": key, "jpg": _jpeg(rng, h, w), "json": json.dumps(meta).encode()})
+        urls.append(url)
+    return urls, labels
+
+
+CROP = {"size": 32, "n_small": 2, "small_size": 16, "constraint": "inside", "max_iou": 1.0}
+
+
+def _check_batch(batch, labels, bs, sizes):
+    assert set(batch) == {"views", "label", "fallbacks", "key"}
+    assert [tuple(v.shape) for v in batch["views"]] == [(bs, 3, s, s) for s in sizes]
+    assert all(v.dtype == torch.float32 for v in batch["views"])
+    assert batch["label"].dtype == torch.long and batch["fallbacks"].dtype == torch.long
+    assert batch["label"].tolist() == [labels[k] for k in batch["key"]]
+    assert batch["fallbacks"].shape == (bs,)
+
+
+def test_batches_main_process(shards):
+    urls, labels = shards
+    loader = make_loader(urls, CROP, {"aplus": True}, batch_size=4, num_workers=0, seed=0, epoch_len=5)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 5
+    for b in batches:
+        _check_batch(b, labels, 4, [32, 32, 16, 16])
+    # normalised: roughly zero-mean, not in [0, 1]
+    assert batches[0]["views"][0].min() < 0
+    # first pass over 24 samples = first 6 batches; all keys distinct within it
+    keys = [k for b in batches for k in b["key"]]
+    assert len(set(keys)) == len(keys)
+
+
+def test_determinism_and_epochs(shards):
+    urls, _ = shards
+
+    def run(seed):
+        loader = make_loader(urls, CROP, {}, batch_size=4, num_workers=0, seed=seed, epoch_len=3)
+        first = list(loader)
+        second = list(loader)  # the next epoch: a different order
+        return first, second
+
+    a1, a2 = run(7)
+    b1, _ = run(7)
+    c1, _ = run(8)
+    assert [b["key"] for b in a1] == [b["key"] for b in b1]
+    for x, y in zip(a1, b1, strict=True):
+        for vx, vy in zip(x["views"], y["views"], strict=True):
+            torch.testing.assert_close(vx, vy)
+    assert [b["key"] for b in a1] != [b["key"] for b in a2]
+    assert [b["key"] for b in a1] != [b["key"] for b in c1]
+
+
+def test_fallbacks_reported(shards):
+    urls, _ = shards
+    crop = {"size": 16, "scale": [0.9, 1.0], "max_iou": 0.01, "max_tries": 3}
+    batch = next(iter(make_loader(urls, crop, {}, batch_size=4, num_workers=0, seed=0, epoch_len=None)))
+    assert batch["fallbacks"].tolist() == [1, 1, 1, 1]
+
+
+def test_two_workers_read_disjoint_shards(shards):
+    urls, labels = shards
+    bs = 4
+    loader = make_loader(urls, CROP, {}, batch_size=bs, num_workers=2, seed=0, epoch_len=2 * PER_SHARD // bs)
+    batches = list(loader)
+    for b in batches:
+        _check_batch(b, labels, bs, [32, 32, 16, 16])
+    # the DataLoader alternates workers; within the first pass each worker owns one shard
+    per_worker = [{k for b in batches[w::2] for k in b["key"]} for w in range(2)]
+    assert not per_worker[0] & per_worker[1]
+    prefixes = [{k.split("_")[0] for k in keys} for keys in per_worker]
+    assert all(len(p) == 1 for p in prefixes) and prefixes[0] != prefixes[1]
+
+
+def test_fewer_shards_than_workers_still_disjoint(shards):
+    urls, labels = shards
+    with pytest.warns(UserWarning, match="shards <"):
+        loader = make_loader(urls[:1], CROP, {}, batch_size=3, num_workers=2, seed=0, epoch_len=4)
+    batches = list(loader)
+    per_worker = [{k for b in batches[w::2] for k in b["key"]} for w in range(2)]
+    assert not per_worker[0] & per_worker[1] and len(per_worker[0] | per_worker[1]) == PER_SHARD
+
+
+def test_missing_shard_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        make_loader([str(tmp_path / "nope.tar")], CROP, {}, 2, 0, 0, None)
+
+
+def test_draft_decode_keeps_needed_resolution():
+    rng = np.random.default_rng(1)
+    data = _jpeg(rng, 512, 640)
+    boxes = np.array([[10, 20, 300, 280], [100, 50, 260, 400]])
+    sizes = [64, 64]
+    img, s = decode_for_boxes(data, boxes, sizes)
+    assert s == draft_factor(boxes, sizes) == 4 and img.size == (160, 128) and img.mode == "RGB"
+    scaled = boxes[:, 2:] / s
+    assert (scaled.min(axis=1) >= np.array(sizes)).all()
+    # a box just under 2x the output size forbids any reduction
+    img1, s1 = decode_for_boxes(data, np.array([[0, 0, 127, 300]]), [64])
+    assert s1 == 1 and img1.size == (640, 512)
+
+
+def test_views_from_image_matches_crop_resize_flip():
+    rng = np.random.default_rng(2)
+    img = Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    boxes = np.array([[5, 10, 30, 40], [0, 0, 50, 70]])
+    ident = [np.asarray, np.asarray]
+    out = views_from_image(img, boxes, [16, 24], [False, True], ident)
+    want0 = np.asarray(img.crop((10, 5, 50, 35)).resize((16, 16), Image.Resampling.BILINEAR))
+    want1 = np.asarray(img.resize((24, 24), Image.Resampling.BILINEAR))[:, ::-1]
+    # one resample from the box (PIL's box=) equals crop-then-resize except where the filter support
+    # reaches past the box edge: outside pixels are used instead of edge-clamping
+    np.testing.assert_array_equal(out[0][2:-2, 2:-2], want0[2:-2, 2:-2])
+    np.testing.assert_array_equal(out[1], want1)
+    with pytest.raises(ValueError):
+        views_from_image(img, boxes, [16], [False], ident[:1])
