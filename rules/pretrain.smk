@@ -22,12 +22,14 @@ rule pretrain:
     params:
         overrides=lambda wc: " ".join(shlex.quote(o) for o in PRE["overrides"] + VARIANTS[wc.variant]),
         out_dir=lambda wc: f"{RES}/pretrain/{wc.dataset}/{wc.variant}",
-        launcher=launcher(PRE_RES.get("gpu", 0)),
+        launcher=lambda wc, resources: launcher(resources.gpu),
+        omp=lambda wc, threads, resources: max(1, threads // max(1, int(resources.gpu))),
     threads: PRE_RES.get("threads", 1)
     resources:
         mem_mb=PRE_RES.get("mem_mb", 4000),
         runtime=PRE_RES.get("runtime", 60),
         gpu=PRE_RES.get("gpu", 0),
+        cpus_per_gpu=PRE_RES.get("cpus_per_gpu", 0) or None,
     log:
         f"{RES}/logs/pretrain/{{dataset}}/{{variant}}.log",
     benchmark:
@@ -35,5 +37,5 @@ rule pretrain:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} {params.launcher} -m study.train {params.overrides} "
+        "OMP_NUM_THREADS={params.omp} {params.launcher} -m study.train {params.overrides} "
         "data.shards={input.shards} out_dir={params.out_dir} progress=false 2> {log}"
