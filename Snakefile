@@ -24,6 +24,10 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/pretrain.smk"
 include: "rules/transfer.smk"
+include: "rules/report.smk"
+
+
+report: "workflow/report/workflow.rst"
 
 
 rule all:
@@ -31,4 +35,5 @@ rule all:
         stats_targets(),
         pretrain_targets(),
         transfer_targets(),
+        report_targets(),
     default_target: True
