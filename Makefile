@@ -12,7 +12,7 @@ SNAKEMAKE := $(VENV)/bin/snakemake
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,inspect]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -25,6 +25,7 @@ include: "rules/data.smk"
 include: "rules/pretrain.smk"
 include: "rules/transfer.smk"
 include: "rules/report.smk"
+include: "rules/inspect.smk"
 
 
 report: "workflow/report/workflow.rst"
