@@ -440,6 +440,10 @@ class _Layers:
         return out
 
 
+def _random_colour(rng: np.random.Generator) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.3, 1.0), rng.uniform(0.25, 1.0)))
+
+
 @dataclass
 class _Placed:
     """A catalogue object instance: geometry plus appearance, renderable at any position (videos)."""
@@ -453,10 +457,17 @@ class _Placed:
     seed: int
 
     @classmethod
-    def sample(cls, rng: np.random.Generator, label: int, r: float, max_rot: float = 30.0) -> _Placed:
+    def sample(cls, rng: np.random.Generator, label: int, r: float, max_rot: float = 30.0,
+               colours: str = "class") -> _Placed:
         oc = CATALOGUE[label]
         brightness = rng.uniform(0.85, 1.1)
-        c1, c2 = (np.clip((np.array(c) + rng.uniform(-0.06, 0.06, 3)) * brightness, 0, 1) for c in oc.colors)
+        if colours == "random":  # class = shape + texture only, as colour is a weak cue in real photos
+            base = (_random_colour(rng), _random_colour(rng))
+        elif colours == "class":
+            base = oc.colors
+        else:
+            raise ValueError(f"colours={colours!r}: use 'class' or 'random'")
+        c1, c2 = (np.clip((np.array(c) + rng.uniform(-0.06, 0.06, 3)) * brightness, 0, 1) for c in base)
         return cls(label, r, rng.uniform(0.85, 1.15), rng.uniform(-max_rot, max_rot), (c1, c2),
                    rng.uniform(-8, 8), int(rng.integers(2**31)))
 
@@ -486,11 +497,12 @@ def _finish(img: np.ndarray, rng: np.random.Generator, noise: float = 0.015) -> 
 
 
 def render_centric(rng: np.random.Generator, label: int, width: int, height: int,
-                   scale: tuple[float, float] = (0.55, 0.85), jitter: float = 0.08) -> Rendered:
+                   scale: tuple[float, float] = (0.55, 0.85), jitter: float = 0.08,
+                   colours: str = "class") -> Rendered:
     """ImageNet-like image: one large, roughly centred object of catalogue class ``label``."""
     img = render_background(rng, width, height)
     s = min(width, height)
-    obj = _Placed.sample(rng, label, 0.5 * s * rng.uniform(*scale))
+    obj = _Placed.sample(rng, label, 0.5 * s * rng.uniform(*scale), colours=colours)
     cx = width / 2 + jitter * width * rng.uniform(-1, 1)
     cy = height / 2 + jitter * height * rng.uniform(-1, 1)
     mask = rasterize([obj.polygon(cx, cy)], width, height)
@@ -504,7 +516,7 @@ def render_centric(rng: np.random.Generator, label: int, width: int, height: int
 def render_scene(rng: np.random.Generator, width: int, height: int, classes: Sequence[int], n_objects: int,
                  scale: tuple[float, float], probs: Sequence[float] | None = None, min_visible: float = 0.5,
                  hole_free: bool = False, min_area: int = 6, min_in_frame: float = 0.6,
-                 tries: int = 30) -> Rendered:
+                 tries: int = 30, colours: str = "class") -> Rendered:
     """Scene-centric image: up to ``n_objects`` catalogue objects, later ones occluding earlier ones.
 
     A placement is resampled (``tries`` times, then the object is dropped) when it would leave an earlier
@@ -518,7 +530,7 @@ def render_scene(rng: np.random.Generator, width: int, height: int, classes: Seq
     for _ in range(n_objects):
         for _t in range(tries):
             label = int(rng.choice(np.asarray(classes), p=p))
-            obj = _Placed.sample(rng, label, 0.5 * s * rng.uniform(*scale))
+            obj = _Placed.sample(rng, label, 0.5 * s * rng.uniform(*scale), colours=colours)
             cx = rng.uniform(0.3 * obj.r, width - 0.3 * obj.r)
             cy = rng.uniform(0.3 * obj.r, height - 0.3 * obj.r)
             poly = obj.polygon(cx, cy)
@@ -534,7 +546,8 @@ def render_scene(rng: np.random.Generator, width: int, height: int, classes: Seq
 
 def render_video(rng: np.random.Generator, width: int, height: int, classes: Sequence[int], n_objects: int,
                  n_frames: int, scale: tuple[float, float], speed: tuple[float, float],
-                 spin: float = 3.0, min_visible: float = 0.5, tries: int = 30) -> list[Rendered]:
+                 spin: float = 3.0, min_visible: float = 0.5, tries: int = 30,
+                 colours: str = "class") -> list[Rendered]:
     """DAVIS-like clip: objects glide (bouncing off the borders) over a static background.
 
     Object ``k`` of every frame is the same instance (painting order fixed), and each stays at least
@@ -544,7 +557,8 @@ def render_video(rng: np.random.Generator, width: int, height: int, classes: Seq
     s = min(width, height)
     for n in range(n_objects, 0, -1):
         for _t in range(tries):
-            objs = [_Placed.sample(rng, int(rng.choice(np.asarray(classes))), 0.5 * s * rng.uniform(*scale))
+            objs = [_Placed.sample(rng, int(rng.choice(np.asarray(classes))), 0.5 * s * rng.uniform(*scale),
+                                   colours=colours)
                     for _ in range(n)]
             tracks = []
             for o in objs:

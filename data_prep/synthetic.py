@@ -151,6 +151,9 @@ class WorldSpec:
 
     seed: int = 0
     jpeg_quality: int = 90
+    # "class": each catalogue class has its own colours (colour alone identifies it); "random": colours are
+    # drawn per instance, so a class is its shape + texture, and colour-jitter invariance is not penalised.
+    colours: str = "class"
     imagenet: CentricSpec = field(default_factory=lambda: CentricSpec(splits={"train": 80}))
     coco: SceneSpec = field(default_factory=lambda: SceneSpec(splits={"train2017": 400}))
     openimages: SceneSpec = field(default_factory=lambda: SceneSpec(
@@ -182,9 +185,12 @@ class WorldSpec:
                         spec[key][sub] = sub_value  # splits / attribute tables are replaced, not merged
                 else:
                     spec[key] = value
-        out = cls(seed=_int(spec["seed"], "seed", 0), jpeg_quality=_int(spec["jpeg_quality"], "jpeg_quality", 1))
+        out = cls(seed=_int(spec["seed"], "seed", 0), jpeg_quality=_int(spec["jpeg_quality"], "jpeg_quality", 1),
+                  colours=spec["colours"])
         if out.jpeg_quality > 100:
             raise SpecError("world spec key jpeg_quality must be in 1..100")
+        if out.colours not in ("class", "random"):
+            raise SpecError(f"world spec key colours must be 'class' or 'random', got {out.colours!r}")
         for name, typ in _SPEC_TYPES.items():
             setattr(out, name, _build(typ, spec[name], name))
         return out
@@ -384,7 +390,7 @@ def write_imagenet(root: Path, spec: WorldSpec) -> dict[str, Any]:
                 d.mkdir(parents=True, exist_ok=True)
                 for i in range(per_class):
                     r = render_centric(_rng(spec.seed, "imagenet", split, k, i), k, s.width, s.height, s.scale,
-                                       s.jitter)
+                                       s.jitter, colours=spec.colours)
                     stem = f"{wnid}_{i}"
                     _save_jpeg(r, d / f"{stem}.JPEG", spec.jpeg_quality)
                     if split == "train":
@@ -403,7 +409,7 @@ def _scene_images(name: str, s: SceneSpec | VocSpec, spec: WorldSpec, split: str
         rng = _rng(spec.seed, name, split, i)
         n_obj = int(rng.integers(s.objects[0], s.objects[1] + 1))
         yield i, render_scene(rng, s.width, s.height, range(n_classes), n_obj, s.scale, probs=probs,
-                              min_visible=s.min_visible, hole_free=hole_free)
+                              min_visible=s.min_visible, hole_free=hole_free, colours=spec.colours)
 
 
 def write_coco(root: Path, spec: WorldSpec) -> dict[str, Any]:
@@ -525,7 +531,8 @@ def write_cls(root: Path, spec: WorldSpec) -> dict[str, Any]:
                 d = root / split / name
                 d.mkdir(parents=True)
                 for i in range(per_class):
-                    r = render_centric(_rng(spec.seed, "cls", split, k, i), k, s.width, s.height, s.scale, s.jitter)
+                    r = render_centric(_rng(spec.seed, "cls", split, k, i), k, s.width, s.height, s.scale, s.jitter,
+                                       colours=spec.colours)
                     _save_jpeg(r, d / f"{name}_{i:05d}.jpg", spec.jpeg_quality)
                     bar.update()
             counts[split] = per_class * s.n_classes
@@ -619,7 +626,7 @@ def write_davis(root: Path, spec: WorldSpec) -> dict[str, Any]:
                 rng = _rng(spec.seed, "davis", split, i)
                 n_req = int(rng.integers(s.objects[0], s.objects[1] + 1))
                 frames = render_video(rng, s.width, s.height, range(s.n_classes), n_req, s.n_frames, s.scale,
-                                      s.speed, min_visible=s.min_visible)
+                                      s.speed, min_visible=s.min_visible, colours=spec.colours)
                 video = "-".join(dict.fromkeys(o.name for o in frames[0].objects)) + f"-{split}{i:02d}"
                 names.append(video)
                 jd = root / "JPEGImages" / "480p" / video
