@@ -1,5 +1,6 @@
 # Shared helpers: config checks that must fail at DAG construction, quoting, the experiment grid.
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -106,3 +107,93 @@ wildcard_constraints:
     dataset="|".join(sorted(DATASETS)),
     variant="|".join(sorted(VARIANTS)),
     target="|".join(sorted(TARGETS)) or "NO_TARGETS",
+
+
+# ---------------------------------------------------------------------------------------- data stage
+SYN = config.get("synthetic", {}).get("out", f"{RES}/synthetic")
+
+
+def dataset_inputs(wildcards):
+    return [f"{SYN}/world.json"] if DATASETS[wildcards.dataset].get("synthetic") else []
+
+
+# ------------------------------------------------------------------------------------ pretrain stage
+from glob import glob
+
+PRE = config["pretrain"]
+PRE_RES = PRE["resources"]
+HYDRA_CONF = sorted(glob("study/conf/**/*.yaml", recursive=True))
+
+
+def launcher(gpus):
+    """`torchrun` for several GPUs (one process per GPU, DDP), plain python otherwise."""
+    if gpus and int(gpus) > 1:
+        return PRE.get("launcher", "torchrun --standalone --nproc_per_node={gpu}").format(gpu=gpus)
+    return PY
+
+
+# ------------------------------------------------------------------------------------ transfer stage
+TR = config.get("transfer", {})
+TR_RES = TR.get("resources", {})
+
+
+def target_inputs(wildcards):
+    return [f"{SYN}/world.json"] if TARGETS[wildcards.target].get("synthetic") else []
+
+
+def target_json(wildcards):
+    spec = {k: v for k, v in TARGETS[wildcards.target].items() if k != "synthetic"}
+    spec.setdefault("arch", expected_arch(wildcards.variant))
+    return quoted_json(spec)
+
+
+# -------------------------------------------------------------------------------------- report stage
+if workflow.basedir not in sys.path:
+    sys.path.insert(0, workflow.basedir)
+
+from analysis import embedding_stats as report_emb
+from analysis import figures as report_figures
+from analysis import tables as report_tables
+
+TAB = f"{RES}/tables"
+FIG = f"{RES}/figures"
+REPORT_RS = report_tables.report_settings(config)
+TABLE_NAMES = report_tables.enabled_tables(config, REPORT_RS)
+FIGURE_NAMES = [n for n in report_figures.enabled_figures(config, REPORT_RS) if n != "fig1"]
+CAPTIONS = "../workflow/report"
+
+
+def table_files(name):
+    """A table's four files; the HTML one (rendered inline) and the CSV are registered in the report."""
+    spec = report_tables.TABLES[name]
+    out = []
+    for path in report_tables.table_outputs(TAB, name):
+        if path.endswith((".html", ".csv")):
+            kind = "table" if path.endswith(".html") else "data (CSV)"
+            path = report(path, caption=f"{CAPTIONS}/{name}.rst", category=spec.category, subcategory="Tables",
+                          labels={"item": spec.title, "file": kind})
+        out.append(path)
+    return out
+
+
+def figure_files(name):
+    """A figure's PNG (registered in the report), PDF and the CSV of the plotted data."""
+    spec, stem = report_figures.FIGURES[name], report_figures.FIGURE_FILES[name]
+    out = []
+    for path in report_figures.figure_outputs(FIG, name):
+        if path.endswith((".png", ".csv")):
+            kind = "figure" if path.endswith(".png") else "data (CSV)"
+            path = report(path, caption=f"{CAPTIONS}/{stem}.rst", category=spec.category, subcategory="Figures",
+                          labels={"item": spec.title, "file": kind})
+        out.append(path)
+    return out
+
+
+def report_targets():
+    """Every table and figure file of this config (for `rule all`)."""
+    out = [p for n in TABLE_NAMES for p in report_tables.table_outputs(TAB, n)]
+    return out + [p for n in ["fig1"] + FIGURE_NAMES for p in report_figures.figure_outputs(FIG, n)]
+
+
+# ------------------------------------------------------------------------------------- inspect stage
+FO_DB = f"{RES}/fiftyone/db"

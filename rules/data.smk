@@ -1,12 +1,11 @@
 # Data stage: (synthetic world) -> subset list -> webdataset shards + Table-1 statistics.
 
-SYN = config.get("synthetic", {}).get("out", f"{RES}/synthetic")
-
-
 rule synthetic_world:
     output:
         f"{SYN}/world.json",
     params:
+        py=PY,
+        out=lambda wc, output: os.path.dirname(output[0]),
         spec=quoted_json(config.get("synthetic", {}).get("spec", {})),
     log:
         f"{RES}/logs/synthetic_world.log",
@@ -15,11 +14,7 @@ rule synthetic_world:
     conda:
         ENV
     shell:
-        "{PY} -m data_prep.synthetic --out {SYN} --spec-json {params.spec} 2> {log}"
-
-
-def dataset_inputs(wildcards):
-    return [f"{SYN}/world.json"] if DATASETS[wildcards.dataset].get("synthetic") else []
+        "{params.py} -m data_prep.synthetic --out {params.out} --spec-json {params.spec} 2> {log}"
 
 
 rule subset:
@@ -28,6 +23,7 @@ rule subset:
     output:
         f"{RES}/data/{{dataset}}/subset.csv",
     params:
+        py=PY,
         fmt=lambda wc: DATASETS[wc.dataset]["format"],
         root=lambda wc: shlex.quote(DATASETS[wc.dataset]["root"]),
         split=lambda wc: DATASETS[wc.dataset].get("split", "train"),
@@ -39,7 +35,7 @@ rule subset:
     conda:
         ENV
     shell:
-        "{PY} -m data_prep.subsets --format {params.fmt} --root {params.root} --split {params.split} "
+        "{params.py} -m data_prep.subsets --format {params.fmt} --root {params.root} --split {params.split} "
         "--rule-json {params.rule} --out {output} 2> {log}"
 
 
@@ -49,6 +45,7 @@ rule shards:
     output:
         directory(f"{RES}/data/{{dataset}}/shards"),
     params:
+        py=PY,
         max_per_shard=config["shards"]["max_per_shard"],
         min_shards=config["shards"]["min_shards"],
         max_side=(f"--max-side {config['shards']['max_side']}" if config["shards"].get("max_side") else ""),
@@ -61,7 +58,7 @@ rule shards:
     conda:
         ENV
     shell:
-        "{PY} -m data_prep.shards --subset {input} --out {output} --name {wildcards.dataset} "
+        "{params.py} -m data_prep.shards --subset {input} --out {output} --name {wildcards.dataset} "
         "--max-per-shard {params.max_per_shard} --min-shards {params.min_shards} {params.max_side} "
         "--workers {params.workers} 2> {log}"
 
@@ -72,6 +69,7 @@ rule stats:
     output:
         f"{RES}/data/{{dataset}}/stats.json",
     params:
+        py=PY,
         many=config.get("stats", {}).get("shots", {}).get("many", 100),
         few=config.get("stats", {}).get("shots", {}).get("few", 20),
     log:
@@ -81,5 +79,5 @@ rule stats:
     conda:
         ENV
     shell:
-        "{PY} -m data_prep.stats --subset {input} --name {wildcards.dataset} --many {params.many} "
+        "{params.py} -m data_prep.stats --subset {input} --name {wildcards.dataset} --many {params.many} "
         "--few {params.few} --out {output} 2> {log}"

@@ -4,7 +4,6 @@
 #   snakemake --cores 1 results/fiftyone/syn_coco/moco_v2.embeddings.done  + checkpoint embeddings, 2-D map
 #   python -m data_prep.inspect app --name syn_coco                        serve the App, print the ssh tunnel
 
-FO_DB = f"{RES}/fiftyone/db"
 # FiftyOne runs one MongoDB per user: `--resources fiftyone_db=1` stops parallel jobs racing to start it.
 
 
@@ -14,6 +13,9 @@ rule fiftyone_dataset:
         shards=f"{RES}/data/{{dataset}}/shards",
     output:
         f"{RES}/fiftyone/{{dataset}}.done",
+    params:
+        py=PY,
+        db=FO_DB,
     resources:
         fiftyone_db=1,
     log:
@@ -23,7 +25,7 @@ rule fiftyone_dataset:
     conda:
         ENV
     shell:
-        "{PY} -m data_prep.inspect --db-dir {FO_DB} build --subset {input.subset} --name {wildcards.dataset} "
+        "{params.py} -m data_prep.inspect --db-dir {params.db} build --subset {input.subset} --name {wildcards.dataset} "
         "--shards {input.shards} --overwrite --done {output} 2> {log}"
 
 
@@ -33,6 +35,9 @@ rule fiftyone_embeddings:
         checkpoint=f"{RES}/pretrain/{{dataset}}/{{variant}}/checkpoint.pt",
     output:
         f"{RES}/fiftyone/{{dataset}}/{{variant}}.embeddings.done",
+    params:
+        py=PY,
+        db=FO_DB,
     resources:
         fiftyone_db=1,
     log:
@@ -42,5 +47,5 @@ rule fiftyone_embeddings:
     conda:
         ENV
     shell:
-        "{PY} -m data_prep.inspect --db-dir {FO_DB} embed --name {wildcards.dataset} "
+        "{params.py} -m data_prep.inspect --db-dir {params.db} embed --name {wildcards.dataset} "
         "--checkpoint {input.checkpoint} --brain-key {wildcards.variant} --done {output} 2> {log}"

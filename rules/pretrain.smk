@@ -1,18 +1,4 @@
 # Pretraining stage: one study.train run per (dataset, variant) of the experiments.
-from glob import glob
-
-PRE = config["pretrain"]
-PRE_RES = PRE["resources"]
-HYDRA_CONF = sorted(glob("study/conf/**/*.yaml", recursive=True))
-
-
-def launcher(gpus):
-    """`torchrun` for several GPUs (one process per GPU, DDP), plain python otherwise."""
-    if gpus and int(gpus) > 1:
-        return PRE.get("launcher", "torchrun --standalone --nproc_per_node={gpu}").format(gpu=gpus)
-    return PY
-
-
 rule pretrain:
     input:
         shards=f"{RES}/data/{{dataset}}/shards",

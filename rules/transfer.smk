@@ -1,19 +1,5 @@
 # Transfer stage: every checkpoint of an experiment x each of its targets; features are cached per checkpoint.
 
-TR = config.get("transfer", {})
-TR_RES = TR.get("resources", {})
-
-
-def target_inputs(wildcards):
-    return [f"{SYN}/world.json"] if TARGETS[wildcards.target].get("synthetic") else []
-
-
-def target_json(wildcards):
-    spec = {k: v for k, v in TARGETS[wildcards.target].items() if k != "synthetic"}
-    spec.setdefault("arch", expected_arch(wildcards.variant))
-    return quoted_json(spec)
-
-
 rule transfer:
     input:
         ckpt=f"{RES}/pretrain/{{dataset}}/{{variant}}/checkpoint.pt",
@@ -21,6 +7,7 @@ rule transfer:
     output:
         f"{RES}/transfer/{{dataset}}/{{variant}}/{{target}}.json",
     params:
+        py=PY,
         target=target_json,
         cache=TR.get("cache", f"{RES}/features"),
     threads: TR_RES.get("threads", 1)
@@ -35,5 +22,5 @@ rule transfer:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} {PY} -m analysis.transfer --checkpoint {input.ckpt} --name {wildcards.target} "
+        "OMP_NUM_THREADS={threads} {params.py} -m analysis.transfer --checkpoint {input.ckpt} --name {wildcards.target} "
         "--target-json {params.target} --cache-dir {params.cache} --out {output} --no-progress 2> {log}"
