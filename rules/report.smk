@@ -16,7 +16,7 @@ rule tables:
         py=PY,
         res=lambda wc: RES,
         out=lambda wc, output: os.path.dirname(output[0]),
-        cfg=quoted_json(config),
+        cfg=lambda wc: quoted_json(config),  # a function: braces in the config are not wildcards
         only=",".join(TABLE_NAMES),
     log:
         f"{RES}/logs/report/tables.log",
@@ -59,7 +59,7 @@ rule figures:
         py=PY,
         res=lambda wc: RES,
         out=lambda wc, output: os.path.dirname(output[0]),
-        cfg=quoted_json(config),
+        cfg=lambda wc: quoted_json(config),  # a function: braces in the config are not wildcards
         only=",".join(FIGURE_NAMES),
     log:
         f"{RES}/logs/report/figures.log",
