@@ -24,4 +24,4 @@ rule pretrain:
         ENV
     shell:
         "OMP_NUM_THREADS={params.omp} {params.launcher} -m study.train {params.overrides} "
-        "data.shards={input.shards} out_dir={params.out_dir} progress=false 2> {log}"
+        "data.shards={input.shards} out_dir={params.out_dir} progress=false > {log} 2>&1"

@@ -14,7 +14,19 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
+def _relocate(obj, root: Path):
+    """Point every `results...` path of a config into `root`, so existing results/ cannot change the plan."""
+    if isinstance(obj, dict):
+        return {k: _relocate(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_relocate(v, root) for v in obj]
+    if isinstance(obj, str) and (obj == "results" or obj.startswith("results/")):
+        return str(root / obj)
+    return obj
+
+
 def _dry_run(tmp_path: Path, cfg: dict) -> subprocess.CompletedProcess:
+    cfg = _relocate(cfg, tmp_path)
     cfg_path = tmp_path / "study.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     return subprocess.run(
