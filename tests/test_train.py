@@ -122,3 +122,20 @@ def test_missing_shards_is_a_clear_error(tmp_path):
     res = _run(tmp_path / "run", tmp_path / "nowhere")
     assert res.returncode != 0
     assert "manifest.json" in res.stdout and "nowhere" in res.stdout
+
+
+def test_two_process_ddp_run_of_the_entry_point(tmp_path, shard_dir):
+    """torchrun with 2 CPU (gloo) processes: DDP wrapping, shuffle BN across ranks, gathered enqueue, rank-0 I/O."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "study.train",
+           *TINY, "epochs=2", "log_every=1", f"data.shards={shard_dir}", f"out_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    # 48 images / (batch 8 x 2 processes) = 3 steps per epoch
+    assert ckpt["step"] == 6 and ckpt["steps_per_epoch"] == 3
+    assert "world=2" in (out / "train.log").read_text()
+    # the queue pointer advanced by the global batch (16) per step: 6 x 16 = 96 keys -> 96 mod 64
+    assert int(ckpt["model"]["queue_ptr"][0]) == (6 * 16) % 64
+    assert _metric_steps(out) == list(range(1, 7))
