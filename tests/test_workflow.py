@@ -91,3 +91,12 @@ def test_paper_config_plans_the_full_grid_once_roots_exist(tmp_path):
     res = _dry_run(tmp_path, cfg)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "synthetic_world" not in res.stdout  # the paper grid does not inherit the embedded datasets
+
+
+def test_missing_target_root_fails_at_dag_construction_naming_key_and_path(tmp_path, default_cfg):
+    cfg = copy.deepcopy(default_cfg)
+    cfg["targets"]["syn_voc_svm"].update(synthetic=False, root="/nonexistent/VOCdevkit")
+    res = _dry_run(tmp_path, cfg)
+    assert res.returncode != 0
+    out = res.stdout + res.stderr
+    assert "targets.syn_voc_svm.root" in out and "/nonexistent/VOCdevkit" in out
