@@ -55,13 +55,17 @@ def test_dry_run_plans_one_pretraining_job_per_dataset_variant_pair(tmp_path, de
     assert counts["synthetic_world"] == 1
 
 
-def test_missing_dataset_root_fails_at_dag_construction_naming_key_and_path(tmp_path, default_cfg):
+@pytest.mark.parametrize(
+    "section, key, root",
+    [("datasets", "syn_coco", "/nonexistent/coco2017"), ("targets", "syn_voc_svm", "/nonexistent/VOCdevkit")],
+)
+def test_missing_root_fails_at_dag_construction_naming_key_and_path(tmp_path, default_cfg, section, key, root):
     cfg = copy.deepcopy(default_cfg)
-    cfg["datasets"]["syn_coco"].update(synthetic=False, root="/nonexistent/coco2017")
+    cfg[section][key].update(synthetic=False, root=root)
     res = _dry_run(tmp_path, cfg)
     assert res.returncode != 0
     out = res.stdout + res.stderr
-    assert "datasets.syn_coco.root" in out and "/nonexistent/coco2017" in out
+    assert f"{section}.{key}.root" in out and root in out
 
 
 @pytest.mark.parametrize(
@@ -92,11 +96,3 @@ def test_paper_config_plans_the_full_grid_once_roots_exist(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "synthetic_world" not in res.stdout  # the paper grid does not inherit the embedded datasets
 
-
-def test_missing_target_root_fails_at_dag_construction_naming_key_and_path(tmp_path, default_cfg):
-    cfg = copy.deepcopy(default_cfg)
-    cfg["targets"]["syn_voc_svm"].update(synthetic=False, root="/nonexistent/VOCdevkit")
-    res = _dry_run(tmp_path, cfg)
-    assert res.returncode != 0
-    out = res.stdout + res.stderr
-    assert "targets.syn_voc_svm.root" in out and "/nonexistent/VOCdevkit" in out
