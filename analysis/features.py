@@ -59,6 +59,9 @@ class FeatureSpec:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     store_dtype: str = "float32"
+    # Fingerprint of the split whose images re-estimate the BN running statistics before extraction (None: use
+    # the checkpoint's own). Optional because the paper's protocol keeps them; see ``recalibrate_bn``.
+    bn_calib: str | None = None
 
     def __post_init__(self) -> None:
         if self.layer not in LAYERS:
@@ -82,6 +85,8 @@ class FeatureSpec:
             d.pop("layer"), d.pop("stride")
         if not self.crop:
             d.pop("resize_ratio")
+        if self.bn_calib is None:  # keeps the cache keys of the default protocol unchanged
+            d.pop("bn_calib")
         return d
 
 
@@ -230,6 +235,30 @@ def auto_device(device: str | None = None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+@torch.no_grad()
+def recalibrate_bn(net: nn.Module, batches: Any, device: torch.device | str = "cpu") -> int:
+    """Replace every BN layer's running statistics by the exact average over ``batches``; weights untouched.
+
+    Frozen-feature protocols run the backbone in eval mode, i.e. with the statistics collected on the
+    pretraining crops. When the target's resolution or domain differs (the embedded study: 48 px training
+    crops, 64 px targets; an untrained network keeps the identity statistics), re-estimating them on the
+    target's train split compares backbones rather than BN bookkeeping. Returns the number of images seen.
+    """
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: the exact mean over all batches
+    net.train()
+    n = 0
+    for x in batches:
+        net(x.to(device))
+        n += x.shape[0]
+    net.eval()
+    if n == 0:
+        raise ValueError("recalibrate_bn got no images: the calibration split is empty")
+    return n
+
+
 class FeatureExtractor:
     """Frozen features of one checkpoint, computed on demand and cached under ``cache_dir``.
 
@@ -259,18 +288,26 @@ class FeatureExtractor:
         self._nets: dict[tuple[str, int | None], tuple[nn.Module, int]] = {}
         self.hits = self.misses = 0
 
-    def network(self, spec: FeatureSpec) -> tuple[nn.Module, int]:
+    def network(self, spec: FeatureSpec, calib: ImageSplit | SegmentationSplit | None = None) -> tuple[nn.Module, int]:
         """Eval-mode backbone for ``spec`` and the output stride of its spatial maps."""
-        key = ("pooled", None) if spec.pooled else (spec.layer, spec.stride)
+        key = ("pooled", None, spec.bn_calib) if spec.pooled else (spec.layer, spec.stride, spec.bn_calib)
         if key not in self._nets:
             net = build_backbone_from_checkpoint(self._ckpt)
             stride = set_output_stride(
                 net, "layer4" if spec.pooled else spec.layer, None if spec.pooled else spec.stride
             )
-            net = net.eval().to(self.device)
+            net = net.to(self.device)
             if self.device.type == "cuda":
                 net = net.to(memory_format=torch.channels_last)
-            self._nets[key] = (net, stride)
+            if spec.bn_calib is not None:
+                if calib is None or calib.fingerprint != spec.bn_calib:
+                    raise ValueError("FeatureSpec.bn_calib is set: pass the calibration split it names")
+                loader = DataLoader(_Images(calib, spec.transform()), batch_size=self.batch_size,
+                                    num_workers=self.num_workers)
+                n = recalibrate_bn(net, loader, self.device)
+                log.info("re-estimated BN statistics of %s on %d images of %s/%s", self.checkpoint, n,
+                         calib.target, calib.split)
+            self._nets[key] = (net.eval(), stride)
         return self._nets[key]
 
     def cache_path(self, split: ImageSplit | SegmentationSplit, spec: FeatureSpec) -> Path:
@@ -289,8 +326,12 @@ class FeatureExtractor:
         data = _safe(Path(split.source).name if split.source else split.target)
         return self.cache_dir / self.sha256[:16] / data / f"{_safe(split.split)}__{kind}__{digest}.pt"
 
-    def get(self, split: ImageSplit | SegmentationSplit, spec: FeatureSpec) -> dict[str, Any]:
-        """``{"features": (N, D) or (N, C, h, w) tensor, "stride": int, "sha256": str}``, cached."""
+    def get(self, split: ImageSplit | SegmentationSplit, spec: FeatureSpec,
+            calib: ImageSplit | SegmentationSplit | None = None) -> dict[str, Any]:
+        """``{"features": (N, D) or (N, C, h, w) tensor, "stride": int, "sha256": str}``, cached.
+
+        ``calib``: the split named by ``spec.bn_calib`` (needed only when it is set and not cached).
+        """
         path = self.cache_path(split, spec)
         if path.is_file():
             try:
@@ -301,7 +342,7 @@ class FeatureExtractor:
             except Exception as exc:  # a torn or foreign file: recompute and overwrite it
                 log.warning("feature cache %s unreadable (%s); recomputing", path, exc)
         self.misses += 1
-        feats, stride = self._compute(split, spec)
+        feats, stride = self._compute(split, spec, calib)
         blob = {
             "features": feats,
             "stride": stride,
@@ -315,8 +356,9 @@ class FeatureExtractor:
         return blob
 
     @torch.no_grad()
-    def _compute(self, split: ImageSplit | SegmentationSplit, spec: FeatureSpec) -> tuple[torch.Tensor, int]:
-        net, stride = self.network(spec)
+    def _compute(self, split: ImageSplit | SegmentationSplit, spec: FeatureSpec,
+                 calib: ImageSplit | SegmentationSplit | None = None) -> tuple[torch.Tensor, int]:
+        net, stride = self.network(spec, calib)
         loader = DataLoader(
             _Images(split, spec.transform()),
             batch_size=self.batch_size,

@@ -57,6 +57,9 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "batch_size": 64,
     "num_workers": 0,
     "arch": None,  # expected backbone arch; a checkpoint of another arch is an error
+    # re-estimate BN statistics on the train split before extracting pooled features (linear, knn, voc07_svm);
+    # off in the paper's protocol, see analysis.features.recalibrate_bn
+    "bn_recalibrate": False,
 }
 _LINEAR = {"wd_grid": list(protocols.DEFAULT_WD_GRID), "val_fraction": 0.2, "max_iter": 300, "seed": 0}
 PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -96,10 +99,11 @@ def resolve_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def _pooled_spec(s: Mapping[str, Any]) -> FeatureSpec:
+def _pooled_spec(s: Mapping[str, Any], calib: ImageSplit | None = None) -> FeatureSpec:
     return FeatureSpec(
         size=int(s["image_size"]), pooled=True, crop=True, resize_ratio=float(s["resize_ratio"]),
         mean=tuple(s["mean"]), std=tuple(s["std"]),
+        bn_calib=calib.fingerprint if calib is not None and s.get("bn_recalibrate") else None,
     )  # fmt: skip
 
 
@@ -129,8 +133,8 @@ class _LazyMasks(Sequence):
 
 def _run_linear(ext: FeatureExtractor, name: str, cfg: Mapping[str, Any], s: dict) -> tuple[dict, int, int]:
     train, test = _image_splits(name, cfg)
-    spec = _pooled_spec(s)
-    xtr, xte = ext.get(train, spec)["features"].float(), ext.get(test, spec)["features"].float()
+    spec = _pooled_spec(s, train)
+    xtr, xte = ext.get(train, spec, train)["features"].float(), ext.get(test, spec, train)["features"].float()
     res = protocols.linear_probe(
         xtr, _labels(train), xte, _labels(test), len(train.classes), multilabel=train.multilabel,
         wd_grid=s["wd_grid"], val_fraction=float(s["val_fraction"]), max_iter=int(s["max_iter"]),
@@ -145,8 +149,8 @@ def _run_knn(ext: FeatureExtractor, name: str, cfg: Mapping[str, Any], s: dict) 
         raise TargetError(
             f"target {name!r}: kNN top-1 needs single-label classes; use protocol 'linear' or 'voc07_svm'"
         )
-    spec = _pooled_spec(s)
-    xtr, xte = ext.get(train, spec)["features"].float(), ext.get(test, spec)["features"].float()
+    spec = _pooled_spec(s, train)
+    xtr, xte = ext.get(train, spec, train)["features"].float(), ext.get(test, spec, train)["features"].float()
     res = protocols.knn_classify(
         xtr, _labels(train), xte, _labels(test), len(train.classes), k=int(s["k"]),
         temperature=float(s["temperature"]), device=ext.device,
@@ -158,8 +162,8 @@ def _run_svm(ext: FeatureExtractor, name: str, cfg: Mapping[str, Any], s: dict) 
     train, test = _image_splits(name, cfg)
     if not train.multilabel:
         raise TargetError(f"target {name!r}: voc07_svm needs a multi-label target (format 'voc07')")
-    spec = _pooled_spec(s)
-    xtr, xte = ext.get(train, spec)["features"].float(), ext.get(test, spec)["features"].float()
+    spec = _pooled_spec(s, train)
+    xtr, xte = ext.get(train, spec, train)["features"].float(), ext.get(test, spec, train)["features"].float()
     res = protocols.voc07_svm(
         xtr, train.labels, xte, test.labels, cost=float(s["C"]), pos_weight=float(s["pos_weight"]),
         max_iter=int(s["max_iter"]), ap=str(s["ap"]),

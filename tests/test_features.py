@@ -268,3 +268,28 @@ def test_cli_dense_protocols(tmp_path, ckpt, voc, davis):
     assert vid["metric"] == "JF_mean" and vid["metrics"]["n_objects"] == 1 and vid["n_test"] == 4
     with pytest.raises(targets.TargetError, match="protocol 'nope' is unknown"):
         transfer.run_target(ckpt, "x", {"protocol": "nope", "format": "davis", "root": str(davis)}, tmp_path)
+
+
+def test_recalibrate_bn_sets_the_exact_batch_statistics():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2))
+    batches = [torch.randn(5, 3, 8, 8) * 2 + 1 for _ in range(3)]
+    assert features.recalibrate_bn(net, batches) == 15 and not net.training
+    with torch.no_grad():  # independent: the first BN's input over all images at once
+        h = net[0](torch.cat(batches))
+    bn = net[1]
+    torch.testing.assert_close(bn.running_mean, h.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-5)
+    # BN's running_var is the unbiased per-batch variance averaged over batches
+    per_batch = torch.stack([net[0](b).detach().var(dim=(0, 2, 3), unbiased=True) for b in batches])
+    torch.testing.assert_close(bn.running_var, per_batch.mean(0), rtol=1e-4, atol=1e-5)
+    assert net[0].weight.grad is None
+
+
+def test_cli_bn_recalibration_is_a_separate_cached_protocol(tmp_path, ckpt_std, imagefolder):
+    base = {"format": "imagefolder", "root": str(imagefolder), "image_size": 32, "protocol": "knn", "k": 5}
+    plain, _ = _cli(tmp_path, ckpt_std, "toy_knn", base)
+    recal, _ = _cli(tmp_path, ckpt_std, "toy_knn_bn", {**base, "bn_recalibrate": True})
+    assert recal["settings"]["bn_recalibrate"] is True and plain["settings"]["bn_recalibrate"] is False
+    assert recal["feature_cache"] == {"hits": 0, "misses": 2}  # not served the eval-statistics features
+    cached = sorted(p.name for p in (tmp_path / "features").rglob("*.pt"))
+    assert len(cached) == 4
