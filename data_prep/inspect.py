@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from data_prep.records import Record, SubsetFormatError, atomic_write_text, configure_logging, read_subset_csv
+from data_prep.shards import load_manifest
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; the real import starts the database
     import fiftyone as fo
@@ -154,20 +155,10 @@ def shard_index(shards: str | os.PathLike) -> dict[str, str]:
     The shard writer drops unreadable images, so membership is taken from the archives themselves rather than
     recomputed from the subset order. `shards` is the shards directory or its manifest.json.
     """
-    path = Path(shards)
-    manifest = path if path.name == "manifest.json" else path / "manifest.json"
-    if not manifest.is_file():
-        raise FileNotFoundError(
-            f"{manifest} does not exist: the shards are missing or incomplete "
-            "(manifest.json is written last); "
-            f"build them with `snakemake --cores 1 {manifest.parent}`"
-        )
-    names = [s["name"] for s in json.loads(manifest.read_text(encoding="utf-8"))["shards"]]
+    _meta, tars = load_manifest(shards)
     index: dict[str, str] = {}
-    for name in names:
-        tar_path = manifest.parent / name
-        if not tar_path.is_file():
-            raise FileNotFoundError(f"{tar_path} is listed in {manifest} but missing; rebuild the shards")
+    for tar_path in tars:
+        name = tar_path.name
         with tarfile.open(tar_path) as tf:
             for member in tf:  # headers only: tarfile seeks over the payloads
                 key, _, ext = member.name.partition(".")  # keys never contain dots

@@ -430,6 +430,27 @@ def write_shards(
     return manifest
 
 
+def load_manifest(shards: str | os.PathLike) -> tuple[dict, list[Path]]:
+    """The manifest of a finished shard directory (or its manifest.json) and the paths of its shards.
+
+    The one reader of the manifest for every later stage: a missing manifest means the shards are absent or
+    incomplete (it is written last), and a listed shard that is gone is an error, not a silent skip.
+    """
+    path = Path(shards)
+    manifest = path if path.name == "manifest.json" else path / "manifest.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(
+            f"{manifest} does not exist: the shards are missing or incomplete (manifest.json is written last); "
+            f"build them with `snakemake --cores 1 {manifest.parent}`"
+        )
+    meta = json.loads(manifest.read_text(encoding="utf-8"))
+    tars = [manifest.parent / s["name"] for s in meta["shards"]]
+    missing = [str(t) for t in tars if not t.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{manifest} lists shards that do not exist ({missing[:3]}); rebuild the shards")
+    return meta, tars
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Write webdataset shards for a subset.csv")
     p.add_argument("--subset", required=True)

@@ -15,7 +15,6 @@ rolling resume point, removed at the end), ``metrics.csv``, ``config.yaml`` (res
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -29,6 +28,8 @@ import hydra
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+
+from data_prep.shards import load_manifest
 
 log = logging.getLogger("study.train")
 
@@ -55,22 +56,14 @@ class TrainingDiverged(RuntimeError):
 
 def read_manifest(shard_dir: str | Path) -> tuple[list[str], int, list[str]]:
     """Shard URLs, sample count and class list of one subset, from the data stage's manifest."""
-    shard_dir = Path(shard_dir)
-    manifest = shard_dir / "manifest.json"
-    if not manifest.is_file():
-        raise FileNotFoundError(
-            f"data.shards={shard_dir}: no manifest.json there. Build the shards first "
-            f"(snakemake {shard_dir}) or point data.shards at a shard directory."
-        )
-    meta = json.loads(manifest.read_text())
-    urls = [str(shard_dir / s["name"]) for s in meta["shards"]]
-    missing = [u for u in urls if not Path(u).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{manifest} lists shards that do not exist: {missing[:3]}; rebuild the shards.")
-    count = int(meta.get("count", sum(int(s["count"]) for s in meta["shards"])))
+    try:
+        meta, tars = load_manifest(shard_dir)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"data.shards={shard_dir}: {exc}") from None
+    count = int(meta["totals"]["images"])
     if count == 0:
-        raise ValueError(f"{manifest}: the subset has no images; check the data stage's log for skips.")
-    return urls, count, list(meta.get("classes", []))
+        raise ValueError(f"{shard_dir}/manifest.json: the subset has no images; check the data stage's log for skips.")
+    return [str(t) for t in tars], count, list(meta.get("classes", []))
 
 
 def lr_at(step: int, total_steps: int, steps_per_epoch: int, optim: Any) -> float:
@@ -158,31 +151,30 @@ def _checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: 
     return state
 
 
-def _batches(urls: list[str], cfg: DictConfig, rank_seed: int, start_epoch: int,
-             steps_per_epoch: int) -> Iterator[dict[str, Any]]:
-    """Endless stream of batches, re-seeded per epoch so a resumed run continues a fresh, reproducible order."""
+def _batches(urls: list[str], cfg: DictConfig, start_epoch: int, steps_per_epoch: int) -> Iterator[dict[str, Any]]:
+    """Endless stream of batches. The loader re-seeds itself per (seed, rank, worker, epoch), so a resumed run
+    continues with the epochs it had not seen, in a reproducible order."""
     from study.data import make_loader
 
-    epoch = start_epoch
-    while True:
-        loader = make_loader(
-            urls,
-            crop_cfg=cfg.crop,
-            aug_cfg=cfg.aug,
-            batch_size=int(cfg.batch_size),
-            num_workers=int(cfg.num_workers),
-            seed=rank_seed + 1000 * epoch,
-            epoch_len=steps_per_epoch,
-        )
+    loader = make_loader(
+        urls,
+        crop_cfg=cfg.crop,
+        aug_cfg=cfg.aug,
+        batch_size=int(cfg.batch_size),
+        num_workers=int(cfg.num_workers),
+        seed=int(cfg.seed),
+        epoch_len=steps_per_epoch,
+        start_epoch=start_epoch,
+        shuffle_buffer=int(cfg.data.shuffle_buffer),
+    )
+    while True:  # each pass is one epoch of steps_per_epoch batches
         n = 0
         for batch in loader:
-            yield batch
             n += 1
-            if n >= steps_per_epoch:
-                break
+            yield batch
         if n == 0:
-            raise RuntimeError(f"the loader over {urls[:2]}... yielded no batch; is batch_size larger than the subset?")
-        epoch += 1
+            raise RuntimeError(f"the loader over {urls[:2]}... yielded no batch; is batch_size larger than what "
+                               "each reader gets from the shards?")
 
 
 # ------------------------------------------------------------------------------------------------- train
@@ -269,7 +261,7 @@ def _run_steps(train_model: torch.nn.Module, model: torch.nn.Module, optimizer: 
     from tqdm import tqdm
 
     is_main = rank == 0
-    batches = _batches(urls, cfg, int(cfg.seed) * 7919 + rank, start // steps_per_epoch, steps_per_epoch)
+    batches = _batches(urls, cfg, start // steps_per_epoch, steps_per_epoch)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
     mf = torch.channels_last if use_cl else torch.contiguous_format
     window = {"n": 0, "imgs": 0, "t0": time.perf_counter(), "fallbacks": 0}
