@@ -7,6 +7,16 @@ several times faster than either library and in the range of `tar -cf` itself.
 
 Crash safety: every shard is written as `<name>.tar.tmp` and renamed when complete; `manifest.json` is removed
 at the start and written last, atomically. A kill before the end leaves no incomplete `.tar` and no manifest.
+
+Class mixing: subset.csv is sorted by key, and ImageNet-style keys start with the class (wnid), so writing in
+that order would fill each shard with runs of a few classes. A streaming loader reads a shard front to back
+(its shuffle buffer only mixes nearby samples), so its batches would then hold a handful of classes, and
+BatchNorm, which normalises with per-batch statistics, would see class-specific means and variances (at paper
+scale about 9 distinct classes per batch of 64 instead of about 62), which biases the study. So records are
+first put into a seeded pseudo-random order, `shuffle_order`: sorted by sha256(f"{shuffle_seed}:{key}"),
+which depends only on the seed and the keys (not on numpy/Python versions or the input order). The seed is
+the config's `shards.shuffle_seed` and is recorded in the manifest (`options.shuffle_seed`, `order`), so the
+order is reproducible and auditable; the same subset and seed still give byte-identical shards.
 """
 
 from __future__ import annotations
@@ -298,6 +308,20 @@ def _built(
                 f.cancel()
 
 
+def shuffle_order(records: Sequence[Record], shuffle_seed: int | None) -> list[Record]:
+    """The order records are written in: sorted by sha256(f"{shuffle_seed}:{key}") (ties, impossible for
+    distinct keys, by key), or the given order when `shuffle_seed` is None (the class-ordered layout of old
+    shard sets). See the module docstring for why."""
+    if shuffle_seed is None:
+        return list(records)
+    prefix = f"{int(shuffle_seed)}:".encode("ascii")
+
+    def rank(rec: Record) -> tuple[bytes, str]:
+        return hashlib.sha256(prefix + rec.key.encode("utf-8")).digest(), rec.key
+
+    return sorted(records, key=rank)
+
+
 def _clean(out_dir: Path, name: str) -> None:
     """Remove the manifest first (so a half-rebuilt directory is never mistaken for a finished one), then
     this dataset's shards and temp files from earlier runs."""
@@ -319,11 +343,14 @@ def write_shards(
     quality: int = 95,
     full_decode: bool = False,
     progress: bool = True,
+    shuffle_seed: int | None = 0,
 ) -> dict:
     """Write `<out_dir>/<name>-%06d.tar` shards and `manifest.json`; returns the manifest.
 
-    Records are split into contiguous, evenly sized shards in the given order (subset.csv is sorted by key),
-    so shard names depend only on the subset and the arguments, not on which images turn out to be corrupt.
+    Records are put in `shuffle_order(records, shuffle_seed)` (None: the given order, i.e. subset.csv's,
+    which is sorted by key and so by class for ImageNet) and split into contiguous, evenly sized shards, so
+    shard names and contents depend only on the subset and the arguments, not on which images turn out to be
+    corrupt.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -341,6 +368,7 @@ def write_shards(
         log.warning("%s: %d images for %d shards; some shards will be empty", name, len(records), n_shards)
     classes = sorted({r.cls for r in records if r.cls is not None})
     class_index = {c: i for i, c in enumerate(classes)}
+    records = shuffle_order(records, shuffle_seed)
     _clean(out_dir, name)
 
     skipped: Counter = Counter()
@@ -408,12 +436,14 @@ def write_shards(
         "converted": dict(sorted(converted.items())),
         "kept_flags": dict(sorted(flags.items())),
         "classes": classes,
+        "order": "subset.csv" if shuffle_seed is None else f"sorted by sha256('{int(shuffle_seed)}:' + key)",
         "options": {
             "max_per_shard": max_per_shard,
             "min_shards": min_shards,
             "max_side": max_side,
             "quality": quality,
             "full_decode": full_decode,
+            "shuffle_seed": None if shuffle_seed is None else int(shuffle_seed),
         },
     }
     atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=1) + "\n")
@@ -448,6 +478,12 @@ def load_manifest(shards: str | os.PathLike) -> tuple[dict, list[Path]]:
     missing = [str(t) for t in tars if not t.is_file()]
     if missing:
         raise FileNotFoundError(f"{manifest} lists shards that do not exist ({missing[:3]}); rebuild the shards")
+    if meta.get("options", {}).get("shuffle_seed") is None and meta.get("classes"):
+        log.warning(
+            "%s: shards were written in subset order (no shuffle_seed), so each holds runs of one class and batches "
+            "see few classes (biased BatchNorm statistics); rebuild them with data_prep.shards (shards.shuffle_seed)",
+            manifest,
+        )
     return meta, tars
 
 
@@ -462,6 +498,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded images")
     p.add_argument("--full-decode", action="store_true", help="decode every image, not only suspicious ones")
     p.add_argument("--workers", type=int, default=1)
+    order = p.add_mutually_exclusive_group()
+    order.add_argument(
+        "--shuffle-seed",
+        type=int,
+        default=0,
+        help="seed of the record order (mixes classes within shards; recorded in the manifest)",
+    )
+    order.add_argument(
+        "--no-shuffle",
+        action="store_true",
+        help="keep subset.csv order (class-sorted for ImageNet; only to reproduce old shards)",
+    )
     p.add_argument("--log", default=None)
     a = p.parse_args(argv)
     configure_logging(a.log)
@@ -475,6 +523,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         workers=a.workers,
         quality=a.quality,
         full_decode=a.full_decode,
+        shuffle_seed=None if a.no_shuffle else a.shuffle_seed,
     )
 
 

@@ -50,6 +50,7 @@ rule shards:
         min_shards=config["shards"]["min_shards"],
         max_side=(f"--max-side {config['shards']['max_side']}" if config["shards"].get("max_side") else ""),
         workers=config["shards"].get("workers", 1),
+        shuffle_seed=config["shards"].get("shuffle_seed", 0),
     threads: config["shards"].get("workers", 1)
     log:
         f"{RES}/logs/shards/{{dataset}}.log",
@@ -60,7 +61,7 @@ rule shards:
     shell:
         "{params.py} -m data_prep.shards --subset {input} --out {output} --name {wildcards.dataset} "
         "--max-per-shard {params.max_per_shard} --min-shards {params.min_shards} {params.max_side} "
-        "--workers {params.workers} 2> {log}"
+        "--workers {params.workers} --shuffle-seed {params.shuffle_seed} 2> {log}"
 
 
 rule stats:

@@ -12,6 +12,21 @@ the next ``iter()`` starts a new, differently seeded epoch; resuming at step ``s
 ``make_loader(..., start_epoch=s // epoch_len)``. Shards are split disjointly over DDP ranks
 (``wds.split_by_node``) and loader workers (``wds.split_by_worker``); with fewer shards than ranks x workers
 every reader opens all shards and keeps every n-th sample instead (still disjoint, with a warning).
+
+Class mixing: each reader interleaves its shards, taking one sample from each of up to ``interleave`` open
+shards in turn (a shard that ends is replaced by the reader's next one), before the shuffle buffer. The
+query encoder's BatchNorm normalises with per-batch statistics, so a batch made of a few classes gives
+class-specific statistics and biases the study; reading one shard front to back would do exactly that for
+shards written in class order (``data_prep.shards`` before its ``shuffle_seed``, e.g. ImageNet subsets in
+wnid order), since a shuffle buffer only mixes nearby samples. Shards written by the current writer are
+already in a seeded random order, which is the fix; interleaving is the reader's part: a batch can only hold
+classes from its reader's own shards, so it rescues an old class-ordered set only when each reader has many
+shards (``tests/test_class_mix.py`` measures both against the exact expectation for random batches; at
+paper scale, ~3 shards of ~9 classes per reader, old shards give ~9.5 classes per batch of 64 instead of
+~62, so rebuild them; ``data_prep.shards.load_manifest`` warns). The round robin is deterministic given the
+shard order, so readers that share all shards (fewer shards than readers) still see one stream and keep
+disjoint every n-th samples.
+
 Randomness (shard order, shuffle buffer, geometry, colour ops) is seeded from (seed, rank, worker, epoch, pass);
 torch's global RNG (and thread count) is swapped in and out around each sample, so ``num_workers=0`` leaves
 the trainer's RNG alone.
@@ -25,7 +40,7 @@ import json
 import os
 import random
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -134,6 +149,40 @@ def _seed_words(*parts: int) -> list[int]:
     return [int(p) & 0xFFFFFFFF for p in parts]
 
 
+def _shard_samples(shard: dict) -> Generator[dict, None, None]:
+    """The samples of one shard (opened on the first ``next``)."""
+    return wds.tarfile_to_samples()(iter([shard]))
+
+
+def interleave_shards(shards: Sequence[dict], open_max: int) -> Iterator[dict]:
+    """Samples of ``shards`` (``{"url": ...}`` dicts, in order) interleaved: one from each of up to
+    ``open_max`` open shards in turn; an exhausted shard is replaced by the next unopened one in its slot
+    (webdataset's ``round_robin_longest``, with a bound on open files). ``open_max=1`` reads the shards one
+    after another. Deterministic given the order of ``shards``."""
+    if open_max < 1:
+        raise ValueError(f"interleave must be >= 1, got {open_max}")
+    pending = iter(shards)
+    active = [_shard_samples(s) for s in itertools.islice(pending, open_max)]
+    i = 0
+    try:
+        while active:
+            i %= len(active)
+            try:
+                sample = next(active[i])
+            except StopIteration:
+                nxt = next(pending, None)
+                if nxt is None:
+                    del active[i]
+                else:
+                    active[i] = _shard_samples(nxt)
+                continue
+            i += 1
+            yield sample
+    finally:
+        for it in active:  # an abandoned pass (epoch_len reached) closes its files now, not at GC
+            it.close()
+
+
 class ShardStream(IterableDataset):
     """Iterable of collated batches for the calling rank/worker (see the module docstring)."""
 
@@ -145,8 +194,11 @@ class ShardStream(IterableDataset):
         batch_size: int,
         seed: int,
         shuffle_buffer: int = 1000,
+        interleave: int = 64,
     ):
         super().__init__()
+        if interleave < 1:
+            raise ValueError(f"interleave must be >= 1 (shards read at once per reader), got {interleave}")
         self.urls = list(urls)
         self.spec: CropSpec = crop_spec(crop_cfg)
         self.sizes = self.spec.sizes
@@ -155,6 +207,7 @@ class ShardStream(IterableDataset):
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.shuffle_buffer = int(shuffle_buffer)
+        self.interleave = int(interleave)
         self.epoch = 0
         self.skipped = 0
 
@@ -211,7 +264,7 @@ class ShardStream(IterableDataset):
             mine, slot = shards, rank * n_workers + worker
         rng = np.random.default_rng(_seed_words(self.seed, rank, worker, epoch, p))
         trng = _TorchRNG(int(rng.integers(2**62)))
-        samples: Iterator[dict] = wds.tarfile_to_samples()(iter(mine))
+        samples: Iterator[dict] = interleave_shards(mine, self.interleave)
         if slot is not None:
             samples = itertools.islice(samples, slot, None, readers)
         samples = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer),
@@ -299,11 +352,14 @@ def make_loader(
     epoch_len: int | None,
     start_epoch: int = 0,
     shuffle_buffer: int = 1000,
+    interleave: int = 64,
 ) -> ShardLoader:
     """Batches of ``{views: [Tensor(B,3,S_v,S_v)], label: LongTensor(B), fallbacks: LongTensor(B), key: [str]}``.
 
     ``crop_cfg``/``aug_cfg`` are the ``crop:``/``aug:`` config nodes (DictConfig or dict). Views 0 and 1 are
     ``crop.size`` square (0 is the key), views 2.. are ``crop.small_size``. Incomplete batches are dropped.
+    ``interleave``: shards each reader reads at once, round robin (class mixing, see the module docstring);
+    bounded because each is an open file.
     """
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
@@ -317,5 +373,5 @@ def make_loader(
             "and keeps every n-th sample; write more shards (or use fewer workers) for full speed",
             stacklevel=2,
         )
-    dataset = ShardStream(urls, crop_cfg, aug_cfg, batch_size, seed, shuffle_buffer)
+    dataset = ShardStream(urls, crop_cfg, aug_cfg, batch_size, seed, shuffle_buffer, interleave)
     return ShardLoader(dataset, num_workers, epoch_len, start_epoch)

@@ -166,6 +166,7 @@ def _batches(urls: list[str], cfg: DictConfig, start_epoch: int, steps_per_epoch
         epoch_len=steps_per_epoch,
         start_epoch=start_epoch,
         shuffle_buffer=int(cfg.data.shuffle_buffer),
+        interleave=int(cfg.data.get("interleave", 64)),
     )
     while True:  # each pass is one epoch of steps_per_epoch batches
         n = 0
