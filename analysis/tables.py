@@ -5,10 +5,11 @@
 
 Tables: ``table1`` (dataset statistics), ``table2`` (frozen-feature classification per pretraining dataset,
 deltas against the reference dataset), ``table3`` (every transfer target per dataset), ``table4`` (invariance
-ablation), ``table8`` (kNN-MoCo k / lambda), ``mochi`` (MoCHi (N, s, s') with embedding statistics),
-``mechanism`` (MoCo v1 vs v2). Which (dataset, variant, target) feeds which table is read from the config's
-``experiments:``; the optional ``report:`` section (defaults: ``report_defaults`` in paper_values.yaml) picks
-the experiment behind each table, the reference dataset and the formatting.
+ablation), ``table5`` / ``table6`` (DAVIS-2017, VOC segment retrieval), ``table7`` (augmentation policies),
+``table8`` (kNN-MoCo k / lambda), ``mochi`` (MoCHi (N, s, s') with embedding statistics), ``mechanism`` (MoCo
+v1 vs v2); Tables 5-8 are built in analysis/tables_sec4.py. Which (dataset, variant, target) feeds which table
+is read from the config's ``experiments:``; the optional ``report:`` section (defaults: ``report_defaults`` in
+paper_values.yaml) picks the experiment behind each table, the reference dataset and the formatting.
 
 Each table can carry the paper's reported numbers ("... paper" columns, from paper_values.yaml). They are
 matched by *role* (``roles:`` there: syn_coco plays COCO, syn_voc_svm the VOC07 classification column), so in
@@ -511,57 +512,6 @@ def table4(config: Mapping, results: str | Path, rs: Mapping, paper: Mapping) ->
     return Table("table4", "Table 4: learning invariances (ablation)", pd.DataFrame(rows), notes)
 
 
-def _knn_grid(config: Mapping, rs: Mapping) -> list[tuple[str, str, list[str]]]:
-    exps = rs["table8"].get("experiments") or list(config.get("experiments") or {})
-    out: list[tuple[str, str, list[str]]] = []
-    for exp in exps:
-        targets = experiment_targets(config, exp, rs.get("exclude_protocols", ()))
-        for d, v in experiment_pairs(config, exp):
-            if not is_knn_variant(config, v):
-                continue
-            hit = next((row for row in out if row[:2] == (d, v)), None)
-            if hit is None:
-                out.append((d, v, list(targets)))
-            else:
-                hit[2].extend(t for t in targets if t not in hit[2])
-    return out
-
-
-def table8_plan(config: Mapping, results: str | Path, rs: Mapping) -> list[Path]:
-    return [transfer_path(results, d, v, t) for d, v, ts in _knn_grid(config, rs) for t in ts]
-
-
-def table8(config: Mapping, results: str | Path, rs: Mapping, paper: Mapping) -> Table:
-    grid = _knn_grid(config, rs)
-    inputs = Inputs(results)
-    longs = [transfer_frame(inputs, [(d, v)], ts, rs) for d, v, ts in grid]
-    inputs.check("table8 (kNN-MoCo ablation)")
-    long = pd.concat(longs, ignore_index=True) if longs else transfer_frame(inputs, [], [], rs)
-    ptab = paper.get("table8") or {}
-    role = ptab.get("role")
-    troles = _roles(paper, "targets")
-    targets = [t for _, _, ts in grid for t in ts]
-    targets = list(dict.fromkeys(targets))
-    rows = []
-    for d, v, ts in grid:
-        k, lam = knn_setting(variant_settings(config, v))
-        row: dict[str, Any] = {"dataset": d, "variant": v, "k": k, "lambda": lam}
-        for t in targets:
-            row[t] = _value(long, d, v, t) if t in ts else math.nan
-            if role and troles.get(t) == role:
-                row[f"{t} paper"] = next(
-                    (p["value"] for p in ptab.get("rows", []) if p["k"] == k and math.isclose(p["lam"], lam)),
-                    math.nan,
-                )
-        rows.append(row)
-    frame = pd.DataFrame(rows, columns=["dataset", "variant", "k", "lambda"] if not rows else None)
-    notes = ["Rows: every variant (of any experiment) that enables kNN-MoCo or sets knn.*; k and lambda are the "
-             "composed values (lambda = 0 when kNN-MoCo is off, the paper's multi-crop row).", ROLE_NOTE]  # fmt: skip
-    if not rows:
-        notes.insert(0, "No variant of the experiments uses kNN-MoCo: add e.g. `knn_k5: [method=knn_moco, knn.k=5]`.")
-    return Table("table8", "Table 8: kNN-MoCo, number of neighbours k and weight lambda", frame, notes)
-
-
 def mochi_plan(config: Mapping, results: str | Path, rs: Mapping) -> list[Path]:
     exp = rs["mochi"]["experiment"]
     paths = _experiment_plan("mochi")(config, results, rs)
@@ -647,6 +597,17 @@ def _exp_enabled(key: str) -> Callable[[Mapping, Mapping], bool]:
     return lambda c, rs: has_experiment(c, rs[key]["experiment"])
 
 
+def _sec4(name: str) -> Callable[..., Any]:
+    """A function of analysis.tables_sec4, imported at the first call: that module imports this one's helpers."""
+
+    def call(*args: Any) -> Any:
+        from analysis import tables_sec4
+
+        return getattr(tables_sec4, name)(*args)
+
+    return call
+
+
 SEC3, SEC4, MOCHI = "Sec. 3: dataset biases", "Sec. 4: learning invariances", "MoCHi: hard negative mixing"
 TABLES: dict[str, TableSpec] = {
     "table1": TableSpec(table1, table1_plan, lambda c, rs: bool(_table1_datasets(c, rs)), SEC3,
@@ -655,7 +616,13 @@ TABLES: dict[str, TableSpec] = {
     "table3": TableSpec(table3, _experiment_plan("table3"), _exp_enabled("table3"), SEC3, "Table 3: transfer per dataset"),
     "table4": TableSpec(table4, _experiment_plan("table4"), _exp_enabled("table4"), SEC4,
                         "Table 4: invariance ablation"),
-    "table8": TableSpec(table8, table8_plan, lambda c, rs: bool(_knn_grid(c, rs)), SEC4,
+    "table5": TableSpec(_sec4("table5"), _sec4("table5_plan"), _exp_enabled("table5"), SEC4,
+                        "Table 5: DAVIS-2017 video instance segmentation"),
+    "table6": TableSpec(_sec4("table6"), _sec4("table6_plan"), _exp_enabled("table6"), SEC4,
+                        "Table 6: VOC semantic segment retrieval"),
+    "table7": TableSpec(_sec4("table7"), _experiment_plan("table7"), _exp_enabled("table7"), SEC4,
+                        "Table 7: augmentation policies"),
+    "table8": TableSpec(_sec4("table8"), _sec4("table8_plan"), _sec4("table8_enabled"), SEC4,
                         "Table 8: kNN-MoCo k and lambda"),
     "mochi": TableSpec(table_mochi, mochi_plan, _exp_enabled("mochi"), MOCHI, "MoCHi (N, s, s')"),
     "mechanism": TableSpec(table_mechanism, _experiment_plan("mechanism"), _exp_enabled("mechanism"),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -16,8 +18,11 @@ TARGETS = {
     "syn_voc_svm": {"protocol": "voc07_svm", "format": "voc", "root": "unused"},
     "syn_davis": {"protocol": "video_propagation", "format": "davis", "root": "unused"},
     "syn_cams": {"protocol": "cam", "format": "imagefolder", "root": "unused"},
+    "syn_voc_retrieval": {"protocol": "segment_retrieval", "format": "voc_seg", "root": "unused"},
 }
-ALL_TARGETS = list(TARGETS)
+ALL_TARGETS = ["syn_cls_linear", "syn_voc_svm", "syn_davis", "syn_cams"]  # the `datasets` experiment's
+CC_MDOWN = ["method=moco_v2", "crop.n_small=4", "crop.constraint=inside", "moco.m=0.98"]
+KNN_GRID = ["cc_mdown", "knn_k1", "knn_k5", "knn_k20", "knn_lam08", "knn_k20_warmup"]
 
 
 def make_config() -> dict:
@@ -30,8 +35,15 @@ def make_config() -> dict:
             "random_init": ["method=random_init"],
             "mc": ["method=moco_v2", "crop.n_small=4"],
             "cc": ["method=moco_v2", "crop.n_small=4", "crop.constraint=inside"],
+            "cc_mdown": CC_MDOWN,
+            # Table 7 rows: named so that the policy must come from the settings, not from the name
+            "cc_mdown_autoaug": [*CC_MDOWN, "aug.aplus=true", "aug.aplus_p=0.0"],
+            "cc_mdown_aplus": [*CC_MDOWN, "aug.aplus=true"],
+            "knn_k1": ["method=knn_moco", "knn.k=1"],
             "knn_k5": ["method=knn_moco", "knn.k=5"],
+            "knn_k20": ["method=knn_moco"],
             "knn_lam08": ["method=knn_moco", "knn.lam=0.8"],
+            "knn_k20_warmup": ["method=knn_moco", "knn.k=20", "knn.warmup_epochs=5"],
             "mochi_128_1024_512": ["method=mochi", "mochi.n=128", "mochi.s=1024", "mochi.s_prime=512"],
             "moco_v1": ["method=moco_v1"],
         },
@@ -41,8 +53,11 @@ def make_config() -> dict:
                          "targets": ALL_TARGETS},
             "invariances": {"datasets": ["syn_coco"], "variants": ["moco_v2", "mc", "cc"],
                             "targets": ["syn_voc_svm"]},
-            "knn": {"datasets": ["syn_coco"], "variants": ["moco_v2", "knn_k5", "knn_lam08"],
-                    "targets": ["syn_voc_svm"]},
+            "davis": {"datasets": ["syn_coco"], "variants": ["moco_v2", "mc"], "targets": ["syn_davis"]},
+            "retrieval": {"datasets": ["syn_coco"], "variants": ["moco_v2", "mc"], "targets": ["syn_voc_retrieval"]},
+            "augmentation": {"datasets": ["syn_coco"], "variants": ["cc_mdown", "cc_mdown_autoaug", "cc_mdown_aplus"],
+                             "targets": ["syn_voc_svm"]},
+            "knn": {"datasets": ["syn_coco"], "variants": KNN_GRID, "targets": ["syn_voc_svm"]},
             "mochi": {"datasets": ["syn_in"], "variants": ["moco_v2", "mochi_128_1024_512"],
                       "targets": ["syn_cls_linear"]},
             "mechanism": {"datasets": ["syn_in"], "variants": ["moco_v1", "moco_v2"], "targets": ["syn_cls_linear"]},
@@ -56,8 +71,8 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def write_transfer(res: Path, d: str, v: str, t: str, value: float, metrics: dict | None = None) -> None:
-    metric = {"linear": "top1", "voc07_svm": "mAP", "video_propagation": "JF_mean", "cam": "top1"}[
-        TARGETS[t]["protocol"]]
+    metric = {"linear": "top1", "voc07_svm": "mAP", "video_propagation": "JF_mean", "cam": "top1",
+              "segment_retrieval": "mIoU_21"}[TARGETS[t]["protocol"]]
     write_json(T.transfer_path(res, d, v, t), {"target": t, "protocol": TARGETS[t]["protocol"], "metric": metric,
                                                "value": value, "metrics": {metric: value, **(metrics or {})}})
 
@@ -82,19 +97,28 @@ def results(tmp_path: Path) -> Path:
     write_json(T.stats_path(res, "syn_coco"), stats("syn_coco", 300, 4.5, None))
     vals = {  # (dataset, variant) -> target -> fraction
         ("syn_in", "moco_v2"): {"syn_cls_linear": 0.50, "syn_voc_svm": 0.70, "syn_davis": 0.40, "syn_cams": 0.5},
-        ("syn_coco", "moco_v2"): {"syn_cls_linear": 0.45, "syn_voc_svm": 0.75, "syn_davis": 0.46, "syn_cams": 0.4},
+        ("syn_coco", "moco_v2"): {"syn_cls_linear": 0.45, "syn_voc_svm": 0.75, "syn_davis": 0.46, "syn_cams": 0.4,
+                                  "syn_voc_retrieval": 0.30},
         ("syn_in", "random_init"): {"syn_cls_linear": 0.20, "syn_voc_svm": 0.30, "syn_davis": 0.10, "syn_cams": .2},
         ("syn_coco", "random_init"): {"syn_cls_linear": 0.21, "syn_voc_svm": 0.33, "syn_davis": 0.12, "syn_cams": .2},
-        ("syn_coco", "mc"): {"syn_voc_svm": 0.80},
+        ("syn_coco", "mc"): {"syn_voc_svm": 0.80, "syn_davis": 0.52, "syn_voc_retrieval": 0.35},
         ("syn_coco", "cc"): {"syn_voc_svm": 0.82},
+        ("syn_coco", "cc_mdown"): {"syn_voc_svm": 0.84},
+        ("syn_coco", "cc_mdown_autoaug"): {"syn_voc_svm": 0.79},
+        ("syn_coco", "cc_mdown_aplus"): {"syn_voc_svm": 0.86},
+        ("syn_coco", "knn_k1"): {"syn_voc_svm": 0.81},
         ("syn_coco", "knn_k5"): {"syn_voc_svm": 0.83},
+        ("syn_coco", "knn_k20"): {"syn_voc_svm": 0.85},
         ("syn_coco", "knn_lam08"): {"syn_voc_svm": 0.60},
+        ("syn_coco", "knn_k20_warmup"): {"syn_voc_svm": 0.845},
         ("syn_in", "mochi_128_1024_512"): {"syn_cls_linear": 0.52},
         ("syn_in", "moco_v1"): {"syn_cls_linear": 0.41},
     }  # fmt: skip
     for (d, v), per_t in vals.items():
         for t, x in per_t.items():
             extra = {"J_mean": x - 0.02, "F_mean": x + 0.02} if t == "syn_davis" else None
+            if t == "syn_voc_retrieval":  # 21 classes (primary) and the 7-class subset
+                extra = {"mIoU_7": x + 0.1, "iou_per_class": {"background": 0.9}}
             write_transfer(res, d, v, t, x, extra)
     for v, (a, u, fn) in {"moco_v2": (0.8, -3.1, 0.30), "mochi_128_1024_512": (0.9, -3.4, 0.25)}.items():
         write_json(T.embedding_stats_path(res, "syn_in", v),
@@ -173,9 +197,123 @@ def test_table4_labels_flags_deltas_and_paper(results, tmp_path):
     assert mc["syn_voc_svm paper"] == 81.3 and row(df, variant="moco_v2")["syn_voc_svm paper"] == 76.1
 
 
-def test_table8_rows_from_knn_variants_with_paper_grid(results, tmp_path):
+def measured_cells_filled(df: pd.DataFrame, cols: list[str]) -> bool:
+    return bool(df[cols].notna().all().all())
+
+
+def test_table5_davis_j_f_and_paper_rows_by_role(results, tmp_path):
+    df = build("table5", results, tmp_path / "tables")
+    assert list(df.variant) == ["moco_v2", "mc"] and set(df.target) == {"syn_davis"}
+    assert measured_cells_filled(df, ["J_m", "F_m", "J&F"])
+    moco, mc = row(df, variant="moco_v2"), row(df, variant="mc")
+    assert (mc["J_m"], mc["F_m"], mc["J&F"]) == pytest.approx((50.0, 54.0, 52.0))
+    assert (moco["J_m"], moco["F_m"]) == pytest.approx((44.0, 48.0))
+    assert mc["paper method"] == "MoCo + MC (COCO)" and moco["paper method"] == "MoCo (COCO)"
+    assert (mc["J_m paper"], mc["F_m paper"]) == (69.4, 64.3) and mc["J&F paper"] == pytest.approx(66.85)
+    assert (moco["J_m paper"], moco["F_m paper"]) == (66.6, 61.6)
+    md = (tmp_path / "tables" / "table5.md").read_text()
+    assert "STC (Kinetics) 70.2 / 64.8" in md and "DenseCL (COCO) 63.9 / 60.6" in md
+
+
+def test_table5_paper_values_need_the_paper_data_role(results, tmp_path):
+    cfg = make_config()
+    cfg["experiments"]["davis"]["datasets"] = ["syn_in"]  # plays IN-118K: the paper's rows are COCO models
+    write_transfer(results, "syn_in", "mc", "syn_davis", 0.5, {"J_mean": 0.49, "F_mean": 0.51})
+    df = build("table5", results, tmp_path / "tables", cfg)
+    assert df["J_m paper"].isna().all() and df["paper method"].isna().all()
+    assert row(df, variant="mc")["J_m"] == pytest.approx(49.0)
+
+
+def test_table6_retrieval_7_and_21_classes_with_paper(results, tmp_path):
+    df = build("table6", results, tmp_path / "tables")
+    assert list(df.variant) == ["moco_v2", "mc"]
+    assert measured_cells_filled(df, ["7 classes", "21 classes"])
+    moco, mc = row(df, variant="moco_v2"), row(df, variant="mc")
+    assert (mc["7 classes"], mc["21 classes"]) == pytest.approx((45.0, 35.0))
+    assert (moco["7 classes"], moco["21 classes"]) == pytest.approx((40.0, 30.0))
+    assert (moco["7 classes paper"], moco["21 classes paper"]) == (41.8, 28.1)
+    assert (mc["7 classes paper"], mc["21 classes paper"]) == (48.1, 35.1)
+    md = (tmp_path / "tables" / "table6.md").read_text()
+    assert "SegSort 10.2 / –" in md and "DenseCL 48.4 / 35.1" in md
+
+
+def test_table5_needs_a_target_of_its_protocol(results, tmp_path):
+    cfg = make_config()
+    cfg["experiments"]["davis"]["targets"] = ["syn_voc_svm"]
+    with pytest.raises(T.ReportConfigError, match="experiments.davis.targets"):
+        T.build_tables(cfg, results, tmp_path / "tables", only=["table5"])
+
+
+def test_table7_policy_from_composed_settings_with_paper(results, tmp_path):
+    df = build("table7", results, tmp_path / "tables")
+    assert list(df.variant) == ["cc_mdown", "cc_mdown_autoaug", "cc_mdown_aplus"]
+    assert list(df.policy) == ["Standard", "AutoAugment", "Standard or AutoAugment"]
+    assert list(df["P(standard)"]) == [1.0, 0.0, 0.5]
+    assert measured_cells_filled(df, ["syn_voc_svm"])
+    assert list(df["syn_voc_svm"]) == pytest.approx([84.0, 79.0, 86.0])
+    assert list(df["syn_voc_svm paper"]) == [82.8, 79.9, 83.7]
+    # the policy follows the settings, not the name: aplus_p = 1 is the standard pipeline only
+    cfg = make_config()
+    cfg["variants"]["cc_mdown_autoaug"] = [*CC_MDOWN, "aug.aplus=true", "aug.aplus_p=1.0"]
+    df = build("table7", results, tmp_path / "t7", cfg)
+    assert row(df, variant="cc_mdown_autoaug")["policy"] == "Standard"
+    assert row(df, variant="cc_mdown_autoaug")["syn_voc_svm paper"] == 82.8
+
+
+def test_aug_policy():
+    from analysis.tables_sec4 import aug_policy
+
+    assert aug_policy({}) == ("Standard", 1.0)
+    assert aug_policy({"aug.aplus": False, "aug.aplus_p": 0.0}) == ("Standard", 1.0)  # A+ off: p is unused
+    assert aug_policy({"aug.aplus": True}) == ("Standard or AutoAugment", 0.5)
+    assert aug_policy({"aug.aplus": True, "aug.aplus_p": 0.0}) == ("AutoAugment", 0.0)
+
+
+def test_table8_rows_from_its_experiment_in_order(results, tmp_path):
     df = build("table8", results, tmp_path / "tables")
-    assert set(df.variant) == {"knn_k5", "knn_lam08"}  # moco_v2 neither enables kNN nor sets knn.*
+    assert list(df.variant) == KNN_GRID
+    assert measured_cells_filled(df, ["syn_voc_svm"])
+    grid = [(r["variant"], r["k"], r["lambda"], r["warm-up epochs"]) for _, r in df.iterrows()]
+    assert grid == [("cc_mdown", 20, 0.0, 0), ("knn_k1", 1, 0.4, 0), ("knn_k5", 5, 0.4, 0), ("knn_k20", 20, 0.4, 0),
+                    ("knn_lam08", 20, 0.8, 0), ("knn_k20_warmup", 20, 0.4, 5)]  # fmt: skip
+    paper = dict(zip(df.variant, df["syn_voc_svm paper"], strict=True))
+    assert paper["cc_mdown"] == 82.8 and paper["knn_k1"] == 83.6 and paper["knn_k20"] == 84.2
+    assert paper["knn_lam08"] == 80.7 and math.isnan(paper["knn_k20_warmup"])  # the paper reports no warm-up
+    assert row(df, variant="knn_k20_warmup")["syn_voc_svm"] == pytest.approx(84.5)
+
+
+def test_table8_notes_rows_that_differ_from_the_paper_setup(results, tmp_path):
+    cfg = make_config()
+    cfg["experiments"]["knn"]["variants"] = ["cc_mdown_aplus", "knn_k5"]
+    T.build_tables(cfg, results, tmp_path / "tables", only=["table8"])
+    md = (tmp_path / "tables" / "table8.md").read_text()
+    assert "train with aug.aplus=false; rows that do not (compare orderings only): cc_mdown_aplus." in md
+
+
+def test_sec4_tables_registered_in_order_and_planned(results):
+    cfg = make_config()
+    names = T.enabled_tables(cfg)
+    assert [n for n in names if n in ("table4", "table5", "table6", "table7", "table8")] == [
+        "table4", "table5", "table6", "table7", "table8"]  # fmt: skip
+    assert all(T.TABLES[n].category == T.SEC4 for n in ("table5", "table6", "table7", "table8"))
+    cfg["experiments"]["davis"]["targets"] = ["syn_davis", "syn_voc_svm"]  # table5 reads DAVIS results only
+    assert T.table_inputs(cfg, results, ["table5"]) == [
+        str(T.transfer_path(results, "syn_coco", v, "syn_davis")) for v in ("moco_v2", "mc")]  # fmt: skip
+    del cfg["experiments"]["augmentation"]
+    assert "table7" not in T.enabled_tables(cfg)
+
+
+def test_sec4_module_imports_first_without_a_cycle():
+    code = "import analysis.tables_sec4 as S; from analysis import tables as T; assert 'table5' in T.TABLES; S.table5"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_table8_without_its_experiment_takes_every_knn_variant(results, tmp_path):
+    cfg = make_config()
+    cfg["report"] = {"table8": {"experiment": None}}
+    df = build("table8", results, tmp_path / "tables", cfg)
+    # cc_mdown neither enables kNN nor sets knn.*: without the experiment's order it has no row
+    assert list(df.variant) == KNN_GRID[1:]
     k5, lam08 = row(df, variant="knn_k5"), row(df, variant="knn_lam08")
     assert (k5["k"], k5["lambda"]) == (5, 0.4) and (lam08["k"], lam08["lambda"]) == (20, 0.8)
     assert k5["syn_voc_svm"] == pytest.approx(83.0)
@@ -228,3 +366,8 @@ def test_to_percent_keeps_rmse():
     assert T.to_percent("top1", 0.5) == 50.0
     assert T.to_percent("rmse", 0.61) == 0.61
     assert math.isnan(T.to_percent("top1", None))
+
+
+def test_every_table_has_a_report_caption():
+    captions = Path(__file__).resolve().parents[1] / "workflow" / "report"
+    assert [n for n in T.TABLES if not (captions / f"{n}.rst").is_file()] == []
