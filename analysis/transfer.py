@@ -1,8 +1,14 @@
-"""Evaluate one checkpoint on one transfer target and write one metric JSON (a Snakemake job's unit of work).
+"""Evaluate one checkpoint on its transfer targets and write one metric JSON per target.
 
-    python -m analysis.transfer --checkpoint results/pretrain/D/V/checkpoint.pt --name T \
-        --target-json '{"protocol": "linear", "format": "imagefolder", "root": "..."}' \
-        --cache-dir results/features --out results/transfer/D/V/T.json [--log FILE] [--device cpu]
+    python -m analysis.transfer --checkpoint results/pretrain/D/V/checkpoint.pt \
+        --targets-json '{"T1": {"protocol": "linear", "format": "imagefolder", "root": "..."}, "T2": {...}}' \
+        --cache-dir results/features --out-dir results/transfer/D/V [--log FILE] [--device cpu]
+    python -m analysis.transfer --checkpoint ... --name T --target-json '{...}' --out results/transfer/D/V/T.json
+
+A Snakemake job evaluates every target of one checkpoint in one process (the first form), so the Python /
+torch start-up, which dominates small evaluations, is paid once per checkpoint rather than once per target.
+Each target's JSON is written atomically as soon as it is done; a target that fails does not stop the others,
+and the command then exits non-zero naming every failed target.
 
 The target JSON is one entry of the config's ``targets:``; its keys are listed in ``COMMON_DEFAULTS``,
 ``PROTOCOL_DEFAULTS`` and ``FORMAT_KEYS``. Unknown keys are logged (not fatal: configs may carry keys for
@@ -373,17 +379,41 @@ def write_json_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _json_object(text: str, flag: str, ap: argparse.ArgumentParser) -> dict:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        ap.error(f"{flag} is not valid JSON: {exc}")
+    if not isinstance(obj, dict):
+        ap.error(f"{flag} must be a JSON object")
+    return obj
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, type=Path)
-    ap.add_argument("--target-json", required=True, help="the target's config entry as a JSON object")
-    ap.add_argument("--name", required=True, help="target key (names the cache folder and the result)")
+    ap.add_argument("--targets-json", help="every target of this checkpoint: {name: target config entry}")
+    ap.add_argument("--out-dir", type=Path, help="with --targets-json: writes <out-dir>/<name>.json per target")
+    ap.add_argument("--target-json", help="one target's config entry as a JSON object (with --name, --out)")
+    ap.add_argument("--name", help="target key (names the cache folder and the result)")
     ap.add_argument("--cache-dir", default="results/features", type=Path)
-    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--out", type=Path, help="with --target-json: the result JSON")
     ap.add_argument("--log", type=Path, default=None)
     ap.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cuda when available)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.targets_json is not None:
+        if args.out_dir is None or args.target_json is not None:
+            ap.error("--targets-json goes with --out-dir (and without --target-json / --name / --out)")
+        jobs = {name: (cfg, args.out_dir / f"{name}.json")
+                for name, cfg in _json_object(args.targets_json, "--targets-json", ap).items()}  # fmt: skip
+        bad = [n for n, (c, _) in jobs.items() if not isinstance(c, dict)]
+        if bad:
+            ap.error(f"--targets-json: the entries of {bad} must be JSON objects")
+    elif args.target_json is not None and args.name and args.out:
+        jobs = {args.name: (_json_object(args.target_json, "--target-json", ap), args.out)}
+    else:
+        ap.error("pass --targets-json with --out-dir, or --target-json with --name and --out")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if args.log:
         args.log.parent.mkdir(parents=True, exist_ok=True)
@@ -391,30 +421,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", handlers=handlers
     )
-    try:
-        cfg = json.loads(args.target_json)
-    except json.JSONDecodeError as exc:
-        ap.error(f"--target-json is not valid JSON: {exc}")
-    if not isinstance(cfg, dict):
-        ap.error("--target-json must be a JSON object")
-    result = run_target(
-        args.checkpoint,
-        args.name,
-        cfg,
-        args.cache_dir,
-        device=args.device,
-        out=args.out,
-        progress=not args.no_progress,
-    )
-    write_json_atomic(result, args.out)
-    log.info(
-        "%s %s = %.4f (%.1fs) -> %s",
-        args.name,
-        result["metric"],
-        result["value"],
-        result["seconds"],
-        args.out,
-    )
+    failed = []
+    for i, (name, (cfg, out)) in enumerate(jobs.items(), 1):
+        log.info("[%d/%d] %s (%s) on %s", i, len(jobs), name, cfg.get("protocol"), args.checkpoint)
+        try:
+            result = run_target(args.checkpoint, name, cfg, args.cache_dir, device=args.device, out=out,
+                                progress=not args.no_progress)  # fmt: skip
+        except Exception as exc:  # keep evaluating the other targets; report every failure at the end
+            log.exception("target %s failed: %s", name, exc)
+            failed.append(f"{name}: {type(exc).__name__}: {exc}")
+            continue
+        write_json_atomic(result, out)
+        log.info("%s %s = %.4f (%.1fs) -> %s", name, result["metric"], result["value"], result["seconds"], out)
+    if failed:
+        print(f"error: {len(failed)} of {len(jobs)} target(s) failed for {args.checkpoint}:\n  "
+              + "\n  ".join(failed), file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

@@ -293,3 +293,23 @@ def test_cli_bn_recalibration_is_a_separate_cached_protocol(tmp_path, ckpt_std, 
     assert recal["feature_cache"] == {"hits": 0, "misses": 2}  # not served the eval-statistics features
     cached = sorted(p.name for p in (tmp_path / "features").rglob("*.pt"))
     assert len(cached) == 4
+
+
+def test_cli_batch_evaluates_every_target_of_a_checkpoint_and_names_the_failed_one(tmp_path, ckpt_std, imagefolder):
+    base = {"format": "imagefolder", "root": str(imagefolder), "image_size": 32, "arch": "resnet18"}
+    specs = {
+        "toy_knn": {**base, "protocol": "knn", "k": 5},
+        "broken": {**base, "protocol": "knn", "root": str(tmp_path / "missing")},
+        "toy_linear": {**base, "protocol": "linear", "wd_grid": [1e-3], "max_iter": 30},
+    }
+    out_dir = tmp_path / "transfer" / "D" / "V"
+    argv = ["--checkpoint", str(ckpt_std), "--targets-json", json.dumps(specs), "--cache-dir",
+            str(tmp_path / "features"), "--out-dir", str(out_dir), "--no-progress"]  # fmt: skip
+    assert transfer.main(argv) == 1  # one failed target fails the job ...
+    assert sorted(p.name for p in out_dir.iterdir()) == ["toy_knn.json", "toy_linear.json"]  # ... not the others
+    lin = json.loads((out_dir / "toy_linear.json").read_text())
+    assert lin["target"] == "toy_linear" and lin["feature_cache"] == {"hits": 2, "misses": 0}  # one process
+    del specs["broken"]
+    assert transfer.main(argv[:3] + [json.dumps(specs)] + argv[4:]) == 0
+    with pytest.raises(SystemExit):  # --targets-json without --out-dir
+        transfer.main(["--checkpoint", str(ckpt_std), "--targets-json", json.dumps(specs)])
