@@ -20,6 +20,17 @@ def quoted_json(obj):
     return shlex.quote(json.dumps(obj, sort_keys=True))
 
 
+if workflow.basedir not in sys.path:
+    sys.path.insert(0, workflow.basedir)
+
+from analysis.grid import GridError, check_grid, select_experiments
+
+try:
+    select_experiments(config, config.get("only_experiments"))  # e.g. --config only_experiments=davis
+except GridError as exc:
+    raise WorkflowError(str(exc)) from None
+
+
 def check_config():
     """Catch what the schema cannot: roots on disk and names that refer to other config keys."""
     if any(d.get("synthetic") for d in DATASETS.values()) and "synthetic" not in config:
@@ -53,6 +64,11 @@ def check_config():
 
 
 check_config()
+
+try:
+    check_grid(config)  # fair comparisons (shared schedule) and one untrained baseline, before any job
+except GridError as exc:
+    raise WorkflowError(str(exc)) from None
 
 
 def pretrain_pairs():
@@ -92,6 +108,14 @@ def transfer_triples():
 
 def transfer_targets():
     return [f"{RES}/transfer/{d}/{v}/{t}.json" for d, v, t in transfer_triples()]
+
+
+def transfer_batches():
+    """(dataset, variant) -> its targets, in a stable order: one transfer job evaluates one checkpoint."""
+    batches = {}
+    for d, v, t in transfer_triples():
+        batches.setdefault((d, v), []).append(t)
+    return batches
 
 
 def expected_arch(variant):
@@ -137,20 +161,16 @@ TR = config.get("transfer", {})
 TR_RES = TR.get("resources", {})
 
 
-def target_inputs(wildcards):
-    return [f"{SYN}/world.json"] if TARGETS[wildcards.target].get("synthetic") else []
-
-
-def target_json(wildcards):
-    spec = {k: v for k, v in TARGETS[wildcards.target].items() if k != "synthetic"}
-    spec.setdefault("arch", expected_arch(wildcards.variant))
-    return quoted_json(spec)
+def targets_json(variant, targets):
+    """The targets' config entries as one JSON word, each with the backbone the variant trains."""
+    specs = {}
+    for t in targets:
+        specs[t] = {k: v for k, v in TARGETS[t].items() if k != "synthetic"}
+        specs[t].setdefault("arch", expected_arch(variant))
+    return quoted_json(specs)
 
 
 # -------------------------------------------------------------------------------------- report stage
-if workflow.basedir not in sys.path:
-    sys.path.insert(0, workflow.basedir)
-
 from analysis import embedding_stats as report_emb
 from analysis import figures as report_figures
 from analysis import tables as report_tables

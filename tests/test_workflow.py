@@ -45,11 +45,7 @@ def test_dry_run_plans_one_pretraining_job_per_dataset_variant_pair(tmp_path, de
     assert res.returncode == 0, res.stderr
     pairs = {(d, v) for e in default_cfg["experiments"].values() for d in e["datasets"] for v in e["variants"]}
     used = {d for d, _ in pairs}
-    counts = {}
-    for line in res.stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].isdigit():
-            counts[parts[0]] = int(parts[1])
+    counts = _job_counts(res.stdout)
     assert counts["pretrain"] == len(pairs)
     assert counts["shards"] == counts["subset"] == counts["stats"] == len(used)
     assert counts["synthetic_world"] == 1
@@ -86,13 +82,54 @@ def test_bad_config_is_rejected_with_the_offending_value(tmp_path, default_cfg, 
     assert needle in res.stdout + res.stderr
 
 
-def test_paper_config_plans_the_full_grid_once_roots_exist(tmp_path):
+def _job_counts(stdout: str) -> dict[str, int]:
+    counts = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def test_paper_config_plans_every_experiment_with_its_transfer_jobs_once_roots_exist(tmp_path):
     cfg = yaml.safe_load((REPO / "workflow/configs/paper.yaml").read_text())
-    for name, ds in cfg["datasets"].items():
-        root = tmp_path / "roots" / name
-        root.mkdir(parents=True)
-        ds["root"] = str(root)
+    for section in ("datasets", "targets"):
+        for name, entry in cfg[section].items():
+            root = tmp_path / "roots" / section / name
+            root.mkdir(parents=True)
+            entry["root"] = str(root)
     res = _dry_run(tmp_path, cfg)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "synthetic_world" not in res.stdout  # the paper grid does not inherit the embedded datasets
+    counts = _job_counts(res.stdout)
+    pairs = {(d, v) for e in cfg["experiments"].values() for d in e["datasets"] for v in e["variants"]}
+    assert counts["pretrain"] == len(pairs)
+    assert [p for p in pairs if p[1] == "random_init"] == [("in118k", "random_init")]  # built once
+    for exp, spec in cfg["experiments"].items():
+        assert spec.get("targets"), f"experiments.{exp} evaluates nothing"
+        for d in spec["datasets"]:
+            for v in spec["variants"]:
+                assert counts.get(f"transfer_{d}__{v}") == 1, (exp, d, v)  # one job per checkpoint
+    assert counts["tables"] == counts["figures"] == 1
 
+
+def test_only_experiments_plans_one_experiment_and_names_unknown_ones(tmp_path, default_cfg):
+    cfg = copy.deepcopy(default_cfg)
+    cfg["only_experiments"] = "augmentation"
+    res = _dry_run(tmp_path, cfg)
+    assert res.returncode == 0, res.stdout + res.stderr
+    counts = _job_counts(res.stdout)
+    variants = default_cfg["experiments"]["augmentation"]["variants"]
+    assert counts["pretrain"] == len(variants) and counts["shards"] == 1
+    assert sorted(k for k in counts if k.startswith("transfer_")) == sorted(f"transfer_syn_coco__{v}" for v in variants)
+    cfg["only_experiments"] = ["augmentation", "table7"]
+    res = _dry_run(tmp_path, cfg)
+    assert res.returncode != 0 and "only_experiments: ['table7']" in res.stdout + res.stderr
+
+
+def test_unfair_comparison_stops_the_dry_run_naming_experiment_and_key(tmp_path, default_cfg):
+    cfg = copy.deepcopy(default_cfg)
+    cfg["variants"]["mochi_128_1024_512"].append("epochs=5")
+    res = _dry_run(tmp_path, cfg)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "experiments.mochi" in out and "'epochs'" in out and "mochi_128_1024_512: epochs=5" in out
