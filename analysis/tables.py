@@ -251,7 +251,9 @@ def make_hint(path: Path, results: str | Path) -> str:
             return (f"`snakemake {ckpt}` (Snakemake's benchmark: directive of rule pretrain writes it; add "
                     "`--forcerun pretrain` if the checkpoint was made outside Snakemake)")  # fmt: skip
         return f"`snakemake {ckpt}` (rule pretrain writes it next to the checkpoint)"
-    rule = {"data": "subset/stats", "transfer": "transfer", "analysis": "embedding_stats",
+    if parts[:1] == ("transfer",) and len(parts) >= 4:  # one transfer rule per checkpoint
+        return f"`snakemake {path}` (rule transfer_{parts[1]}__{parts[2]})"
+    rule = {"data": "subset/stats", "analysis": "embedding_stats",
             "pretrain": "pretrain"}.get(parts[0] if parts else "", "?")  # fmt: skip
     return f"`snakemake {path}` (rule {rule})"
 

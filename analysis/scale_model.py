@@ -1,0 +1,182 @@
+"""A scale model of the paper study, derived from workflow/configs/paper.yaml by overrides only.
+
+The paper config is weeks of GPU time, so nothing would notice when it stops planning a table. The scale model
+keeps its experiments, variants and targets exactly and changes only sizes and places: every root points at the
+synthetic world's folder in the same on-disk format, the backbone, crops, queue and subsets shrink, and each run
+stops after a few steps. Because it is computed from paper.yaml (never a copied file), the two cannot drift;
+tests/test_scale_model.py runs its whole DAG and checks that every table and figure the paper config declares
+is rendered with every measured cell filled.
+
+    python -m analysis.scale_model --out /tmp/scale/study.yaml --results /tmp/scale/results
+    snakemake --cores 2 --configfile /tmp/scale/study.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PAPER_CONFIG = Path(__file__).resolve().parents[1] / "workflow" / "configs" / "paper.yaml"
+
+# Dataset format -> the synthetic world's folder written in that format (data_prep/synthetic.py).
+DATASET_STAND_INS: dict[str, str] = {
+    "imagenet": "imagenet", "coco": "coco", "openimages": "openimages", "bdd100k": "bdd100k",
+}  # fmt: skip
+
+# Target format -> (synthetic format, synthetic folder). The one place where a paper target without a synthetic
+# counterpart is mapped: the torchvision classification sets (CIFAR10, Food-101, Pets, Cars, Places365, SUN397)
+# and the ImageNet val folders become the synthetic ImageFolder set, under the same protocol.
+TARGET_STAND_INS: dict[str, tuple[str, str]] = {
+    **{fmt: ("imagefolder", "cls") for fmt in ("cifar10", "food101", "pets", "cars", "places365", "sun397")},
+    "imagefolder": ("imagefolder", "cls"),
+    "voc07": ("voc07", "voc"),
+    "voc_seg": ("voc_seg", "voc"),
+    "davis": ("davis", "davis"),
+}
+
+# Per-protocol target sizes (the paper's 224 px / 480p would dominate the run time).
+PROTOCOL_SIZES: dict[str, dict[str, Any]] = {
+    "linear": {"image_size": 32},
+    "knn": {"image_size": 32},
+    "voc07_svm": {"image_size": 32},
+    "cam": {"image_size": 32, "n_images": 4},
+    "segment_retrieval": {"image_size": 64, "stride": 8, "n_segments": 5},
+    "video_propagation": {"short_side": 48, "stride": 8},
+}
+
+# The world: a few hundred tiny images in all (the embedded default's spec, smaller).
+WORLD_SPEC: dict[str, Any] = {
+    "seed": 0,
+    "colours": "random",
+    "imagenet": {"splits": {"train": 24}},
+    "coco": {"splits": {"train2017": 96}},
+    "openimages": {"splits": {"train": 96}},
+    "bdd100k": {"splits": {"train": 64}},
+    "cls": {"splits": {"train": 8, "val": 4}},
+    "voc": {"splits": {"trainval": 40, "test": 40}},
+    "davis": {"splits": {"train": 1, "val": 2}, "n_frames": 6},
+}
+
+# Subset rules keep their kind; only their sizes shrink to what the world holds.
+SUBSET_SIZES: dict[str, dict[str, Any]] = {
+    "uniform": {"per_class": 10},
+    "long_tailed": {"total": 100, "min_per_class": 2, "max_per_class": 24},
+    "random": {"n": 64},
+    "all": {},
+}
+
+# Trainer overrides appended to the paper's pretrain.overrides (the later value of a key replaces the paper's).
+PRETRAIN: dict[str, Any] = {
+    "model": "resnet18", "crop.size": 32, "crop.small_size": 16, "batch_size": 16, "moco.K": 256,
+    "max_steps": 2, "num_workers": 0, "log_every": 1, "ckpt_every": 50,
+}  # fmt: skip
+CROP_SCALE = 32 / 224  # variants' own crop sizes (multi-crop 160 px) shrink by the same factor
+CROP_KEYS = ("crop.size", "crop.small_size")
+RESOURCES = {"threads": 1, "mem_mb": 3000, "runtime": 30, "gpu": 0}
+SHARDS = {"max_per_shard": 40, "min_shards": 2, "workers": 1}
+FIG1 = {"n_pairs": 20000}  # Figure 1's crop-pair sample (10^6 in the paper study)
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def rewrite_overrides(overrides: Sequence[str], values: Mapping[str, Any]) -> list[str]:
+    """``overrides`` with every ``key=`` of ``values`` replaced in place (appended when absent).
+
+    Hydra rejects a key given twice, so a value is replaced where it stands rather than appended.
+    """
+    out, done = [], set()
+    for o in overrides:
+        k = _key(o)
+        if k in values:
+            if k not in done:
+                out.append(f"{k}={values[k]}")
+                done.add(k)
+        else:
+            out.append(o)
+    return out + [f"{k}={v}" for k, v in values.items() if k not in done]
+
+
+def scaled_crop(size: int) -> int:
+    """A paper crop size at the scale model's resolution: a multiple of 8, at least 16 px."""
+    return max(16, 8 * round(size * CROP_SCALE / 8))
+
+
+def _scale_variant(overrides: Sequence[str]) -> list[str]:
+    crops = {}
+    for o in overrides:
+        k = _key(o)
+        if k in CROP_KEYS and re.fullmatch(r"\d+", o.split("=", 1)[1]):
+            crops[k] = scaled_crop(int(o.split("=", 1)[1]))
+    return rewrite_overrides(overrides, crops) if crops else list(overrides)
+
+
+def _map_tree(obj: Any, fn: Callable[[str], str]) -> Any:
+    if isinstance(obj, dict):
+        return {k: _map_tree(v, fn) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_map_tree(v, fn) for v in obj]
+    return fn(obj) if isinstance(obj, str) else obj
+
+
+def derive(paper: Mapping[str, Any], results: str | Path) -> dict[str, Any]:
+    """The scale model of ``paper`` writing under ``results``: same experiments, variants and targets."""
+    cfg = copy.deepcopy(dict(paper))
+    results = str(results)
+    syn = f"{results}/synthetic"
+    old_results = str(paper.get("results", "results"))
+    # Paths under the paper's results root (e.g. transfer.cache) move with it.
+    cfg = _map_tree(cfg, lambda s: results + s[len(old_results):] if s.startswith(old_results + "/") else s)
+    cfg["results"] = results
+    cfg["synthetic"] = {"out": syn, "spec": copy.deepcopy(WORLD_SPEC)}
+    for name, ds in cfg["datasets"].items():
+        if ds["format"] not in DATASET_STAND_INS:
+            raise ValueError(f"datasets.{name}: format {ds['format']!r} has no synthetic stand-in; add it to "
+                             "analysis.scale_model.DATASET_STAND_INS")  # fmt: skip
+        ds.update(root=f"{syn}/{DATASET_STAND_INS[ds['format']]}", synthetic=True)
+        rule = ds["subset"]["rule"]
+        ds["subset"].update(SUBSET_SIZES[rule])
+    for name, t in (cfg.get("targets") or {}).items():
+        if t["format"] not in TARGET_STAND_INS:
+            raise ValueError(f"targets.{name}: format {t['format']!r} has no synthetic stand-in; add it to "
+                             "analysis.scale_model.TARGET_STAND_INS")  # fmt: skip
+        fmt, folder = TARGET_STAND_INS[t["format"]]
+        t.update(format=fmt, root=f"{syn}/{folder}", synthetic=True, **PROTOCOL_SIZES.get(t["protocol"], {}))
+        t.pop("splits", None)  # each synthetic set has its format's default split names
+    cfg["shards"].update(SHARDS)
+    pre = cfg["pretrain"]
+    pre["overrides"] = rewrite_overrides(pre["overrides"], PRETRAIN)
+    pre["resources"] = dict(RESOURCES)
+    pre.pop("launcher", None)
+    cfg["variants"] = {v: _scale_variant(o) for v, o in cfg["variants"].items()}
+    cfg.setdefault("transfer", {})["resources"] = dict(RESOURCES)
+    report = cfg.setdefault("report", {})
+    report["fig1"] = {**(report.get("fig1") or {}), **FIG1}
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Write the scale model of the paper study config.")
+    ap.add_argument("--paper", default=str(PAPER_CONFIG), help="the paper-scale config (default: %(default)s)")
+    ap.add_argument("--results", required=True, help="results root of the scale model")
+    ap.add_argument("--out", required=True, help="where to write the derived config (YAML)")
+    args = ap.parse_args(argv)
+    cfg = derive(yaml.safe_load(Path(args.paper).read_text()), args.results)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    tmp.replace(out)
+    print(f"wrote {out}: snakemake --cores 2 --configfile {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
