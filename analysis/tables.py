@@ -184,9 +184,28 @@ def variant_settings(config: Mapping, variant: str, conf_dir: str | Path | None 
     try:
         return dict(_compose(str(conf_dir.resolve()), overrides))
     except Exception as exc:  # Hydra raises many types; name the variant and its overrides
+        unknown = _unknown_override_keys(conf_dir, overrides)
+        if unknown:  # Hydra's own advice (`+key=...`) would add a key that nothing reads
+            raise ReportConfigError(f"config key variants.{variant} (or pretrain.overrides): " + "; ".join(unknown)) from None
         raise ReportConfigError(
             f"config key variants.{variant}: overrides {list(overrides)} do not compose with {conf_dir}: {exc}"
         ) from exc
+
+
+def _unknown_override_keys(conf_dir: Path, overrides: Sequence[str]) -> list[str]:
+    """Overrides naming no setting of the study config, each with the closest valid keys."""
+    import difflib
+
+    known = {k for k, _ in _compose(str(conf_dir.resolve()), ())}
+    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
+    out = []
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if "=" in o and key not in known and key not in groups:
+            close = difflib.get_close_matches(key, sorted(known | groups), n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}?" if close else "see `python -m study.train --cfg job`"
+            out.append(f"'{o}' names no study setting ({hint})")
+    return out
 
 
 def knn_setting(settings: Mapping[str, Any]) -> tuple[int | None, float]:

@@ -24,6 +24,7 @@ if workflow.basedir not in sys.path:
     sys.path.insert(0, workflow.basedir)
 
 from analysis.grid import GridError, check_grid, select_experiments
+from analysis.tables import ReportConfigError
 
 try:
     select_experiments(config, config.get("only_experiments"))  # e.g. --config only_experiments=davis
@@ -67,7 +68,7 @@ check_config()
 
 try:
     check_grid(config)  # fair comparisons (shared schedule) and one untrained baseline, before any job
-except GridError as exc:
+except (GridError, ReportConfigError) as exc:
     raise WorkflowError(str(exc)) from None
 
 

@@ -98,3 +98,14 @@ def test_select_experiments_keeps_the_named_ones_in_config_order_and_names_unkno
     assert list(cfg["experiments"]) == ["a", "c"]
     with pytest.raises(GridError, match=r"only_experiments: \['b'\]"):
         select_experiments(cfg, ["b"])
+
+
+def test_a_typo_in_a_variant_override_names_the_variant_and_the_closest_keys_not_hydras_plus_hint():
+    from analysis.tables import ReportConfigError
+
+    cfg = _cfg({"iou030": ["method=moco_v2", "crop.max_iuo=0.3"]}, {"e": {"datasets": ["d"], "variants": ["iou030"]}})
+    with pytest.raises(ReportConfigError) as err:
+        check_grid(cfg)
+    msg = str(err.value)
+    assert "variants.iou030" in msg and "'crop.max_iuo=0.3'" in msg and "did you mean crop.max_iou" in msg
+    assert "+crop" not in msg
