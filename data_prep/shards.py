@@ -6,7 +6,12 @@ being copied together, and the manifest's sha256 is computed while writing. Meas
 several times faster than either library and in the range of `tar -cf` itself.
 
 Crash safety: every shard is written as `<name>.tar.tmp` and renamed when complete; `manifest.json` is removed
-at the start and written last, atomically. A kill before the end leaves no incomplete `.tar` and no manifest.
+at the start and written last, atomically. A kill before the end leaves no incomplete `.tar` and no manifest;
+a write error (ENOSPC) removes the `.tmp` and is reported with the shard's name.
+
+Integrity: `verify_shards` (CLI: `python -m data_prep.shards verify DIR`) checks a finished directory against
+its manifest before training: sizes, tar header checksums, member counts and sha256 (cached in `verified.json`).
+It matters because tar readers stop silently at a corrupt member header: the samples after it are just gone.
 
 Class mixing: subset.csv is sorted by key, and ImageNet-style keys start with the class (wnid), so writing in
 that order would fill each shard with runs of a few classes. A streaming loader reads a shard front to back
@@ -22,6 +27,7 @@ order is reproducible and auditable; the same subset and seed still give byte-id
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import itertools
 import json
@@ -30,7 +36,9 @@ import math
 import multiprocessing
 import os
 import re
+import shlex
 import struct
+import sys
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -62,7 +70,13 @@ _ESC = json.encoder.encode_basestring_ascii  # what json.dumps uses for strings 
 
 
 class ShardError(ValueError):
-    """A subset row cannot be written (bad key, ...)."""
+    """A subset row cannot be written (bad key, ...), or written shards are unusable."""
+
+
+class ShardIntegrityError(ShardError):
+    """Written shards do not match their manifest.json (missing, truncated, corrupt, changed); the message names
+    the shard, expected vs found, and the command that rebuilds them. Raised by `verify_shards` and, while
+    reading, by `study.data`. Constructible from one message string, so torch's DataLoader can re-raise it."""
 
 
 _MODE_IDS = b"0000444\0" + b"0000000\0" * 2  # mode 0444, uid 0, gid 0
@@ -127,6 +141,7 @@ class TarStream:
     IOV_MAX = 512
 
     def __init__(self, path: Path):
+        self.path = Path(path)
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.sha = hashlib.sha256()
         self.parts: list[bytes] = []
@@ -139,13 +154,17 @@ class TarStream:
         update = self.sha.update
         for p in parts:
             update(p)
-        for i in range(0, len(parts), self.IOV_MAX):
-            chunk = parts[i : i + self.IOV_MAX]
-            done, want = os.writev(self.fd, chunk), sum(map(len, chunk))
-            if done < want:  # short write (rare): finish the rest piece by piece
-                rest = memoryview(b"".join(chunk))[done:]
-                while rest:
-                    rest = rest[os.write(self.fd, rest) :]
+        try:
+            for i in range(0, len(parts), self.IOV_MAX):
+                chunk = parts[i : i + self.IOV_MAX]
+                done, want = os.writev(self.fd, chunk), sum(map(len, chunk))
+                if done < want:  # short write (rare): finish the rest piece by piece
+                    rest = memoryview(b"".join(chunk))[done:]
+                    while rest:
+                        rest = rest[os.write(self.fd, rest) :]
+        except OSError as err:
+            err.filename = str(self.path)  # os.writev's errors name no file; write_shards reports it
+            raise
 
     def _flush(self) -> None:
         if self.parts:
@@ -176,13 +195,29 @@ class TarStream:
                 self._pending.popleft().result()
         finally:
             self._io.shutdown(wait=True)
-            os.close(self.fd)
+            self._close_fd()
 
     def abort(self) -> None:
+        """Stop after a failure (also after a failed `close()`): drop queued writes, close the file once."""
         for fut in self._pending:
             fut.cancel()
+        self._pending.clear()
         self._io.shutdown(wait=True)
-        os.close(self.fd)
+        try:
+            self._close_fd()
+        except OSError:
+            pass  # the file is being deleted; the error that led here is the one to report
+
+    def _close_fd(self) -> None:
+        # Idempotent: `close()` may fail (ENOSPC) after closing the fd and the caller then calls `abort()`. A
+        # second os.close raised EBADF over the real error (and could close an fd reused by another thread).
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)  # may report a deferred write error (NFS, quota)
+            except OSError as err:
+                err.filename = str(self.path)
+                raise
 
 
 def shard_count(n: int, max_per_shard: int, min_shards: int = 1) -> int:
@@ -326,10 +361,25 @@ def _clean(out_dir: Path, name: str) -> None:
     """Remove the manifest first (so a half-rebuilt directory is never mistaken for a finished one), then
     this dataset's shards and temp files from earlier runs."""
     (out_dir / "manifest.json").unlink(missing_ok=True)
+    (out_dir / VERIFIED).unlink(missing_ok=True)
     pat = re.compile(rf"^\.?{re.escape(name)}-\d{{6}}\.tar(\.tmp)?$")
     for p in out_dir.iterdir():
         if pat.match(p.name):
             p.unlink()
+
+
+def _write_failed(err: OSError, shard: Path, done: int, total: int) -> OSError:
+    """The writer's OSError (errno kept) with the shard, what was cleaned up, and the fix."""
+    fix = (
+        "free space on that file system or write the shards to another disk (--out), then rerun"
+        if err.errno in (errno.ENOSPC, errno.EDQUOT)
+        else "fix the cause and rerun"
+    )
+    return OSError(
+        err.errno,
+        f"{err.strerror or err} while writing shard {shard} ({done} of {total} shards done); removed its "
+        f"partial {shard.name}.tmp, no manifest.json was written; {fix}",
+    )
 
 
 def write_shards(
@@ -414,9 +464,11 @@ def write_shards(
                     count += 1
                 bar.update((stop - start) % 256)
                 tar.close()
-            except BaseException:
+            except BaseException as err:
                 tar.abort()
                 tmp.unlink(missing_ok=True)
+                if isinstance(err, OSError) and err.filename == str(tmp):
+                    raise _write_failed(err, out_dir / fname, idx, n_shards) from None
                 raise
             tmp.replace(out_dir / fname)
             shards.append({"name": fname, "count": count, "bytes": tar.size, "sha256": tar.sha.hexdigest()})
@@ -460,24 +512,33 @@ def write_shards(
     return manifest
 
 
-def load_manifest(shards: str | os.PathLike) -> tuple[dict, list[Path]]:
+def load_manifest(shards: str | os.PathLike, *, check_files: bool = True) -> tuple[dict, list[Path]]:
     """The manifest of a finished shard directory (or its manifest.json) and the paths of its shards.
 
     The one reader of the manifest for every later stage: a missing manifest means the shards are absent or
-    incomplete (it is written last), and a listed shard that is gone is an error, not a silent skip.
+    incomplete (it is written last), and a listed shard that is gone is an error, not a silent skip
+    (`check_files=False` leaves that to the caller, `verify_shards`). Contents are checked by `verify_shards`.
     """
     path = Path(shards)
     manifest = path if path.name == "manifest.json" else path / "manifest.json"
     if not manifest.is_file():
+        build = (
+            rebuild_command(manifest.parent)
+            if manifest.parent.exists()
+            else f"snakemake --cores 1 {_display(manifest.parent)}"
+        )
         raise FileNotFoundError(
             f"{manifest} does not exist: the shards are missing or incomplete (manifest.json is written last); "
-            f"build them with `snakemake --cores 1 {manifest.parent}`"
+            f"build them with `{build}`"
         )
     meta = json.loads(manifest.read_text(encoding="utf-8"))
     tars = [manifest.parent / s["name"] for s in meta["shards"]]
-    missing = [str(t) for t in tars if not t.is_file()]
+    missing = [str(t) for t in tars if check_files and not t.is_file()]
     if missing:
-        raise FileNotFoundError(f"{manifest} lists shards that do not exist ({missing[:3]}); rebuild the shards")
+        raise FileNotFoundError(
+            f"{manifest} lists shards that do not exist ({missing[:3]}); rebuild the shards: "
+            f"{rebuild_command(manifest.parent, meta)}"
+        )
     if meta.get("options", {}).get("shuffle_seed") is None and meta.get("classes"):
         log.warning(
             "%s: shards were written in subset order (no shuffle_seed), so each holds runs of one class and batches "
@@ -487,8 +548,260 @@ def load_manifest(shards: str | os.PathLike) -> tuple[dict, list[Path]]:
     return meta, tars
 
 
+# ------------------------------------------------------------------------------------------- verification
+
+VERIFIED = "verified.json"  # sha256 cache next to manifest.json (see verify_shards)
+HASH_BUDGET = 16 << 30  # bytes of not-yet-verified shards verify_shards(full=None) hashes per call
+_ZERO_BLOCK = bytes(BLOCK)
+_SIGNED_HEADER = struct.Struct("148b8x356b")
+_FILE_TYPES = (b"0", b"\0", b"7")  # regular files; pax/GNU extension headers are not members
+
+
+def _display(path: str | os.PathLike) -> str:
+    """`path` as a user would type it in the current directory (relative when below it), shell-quoted."""
+    p = os.path.abspath(path)
+    rel = os.path.relpath(p)
+    return shlex.quote(p if rel.startswith("..") else rel)
+
+
+def rebuild_command(shard_dir: str | os.PathLike, manifest: dict | None = None) -> str:
+    """How to rebuild a shard directory: the Snakemake target (the directory is rule `shards`' output, so it
+    is removed first, else Snakemake sees it as up to date), plus the direct CLI when subset.csv sits next to it
+    (the layout of results/data/{dataset}/) and the manifest gives the options."""
+    d = _display(shard_dir)
+    cmd = f"rm -r {d} && snakemake --cores 1 {d}"
+    subset = Path(os.path.abspath(shard_dir)).parent / "subset.csv"
+    if manifest and manifest.get("dataset") and subset.is_file():
+        o = manifest.get("options", {})
+        args = [f"--subset {_display(subset)} --out {d} --name {shlex.quote(str(manifest['dataset']))}"]
+        args += [f"--max-per-shard {o['max_per_shard']}"] if o.get("max_per_shard") else []
+        args += [f"--min-shards {o['min_shards']}"] if o.get("min_shards") else []
+        args += [f"--max-side {o['max_side']}"] if o.get("max_side") else []
+        args += [f"--quality {o['quality']}"] if o.get("quality") not in (None, 95) else []
+        args += ["--full-decode"] if o.get("full_decode") else []
+        args += ["--no-shuffle"] if o.get("shuffle_seed") is None else [f"--shuffle-seed {o['shuffle_seed']}"]
+        cmd += f" (without Snakemake: python -m data_prep.shards {' '.join(args)})"
+    return cmd
+
+
+def _octal(field: bytes) -> int:
+    """A tar number field: NUL/space-terminated octal, or GNU base-256 (first byte 0x80)."""
+    if field[:1] == b"\x80":
+        return int.from_bytes(field[1:], "big")
+    return int(field.split(b"\0", 1)[0].strip(b" ") or b"0", 8)
+
+
+def walk_members(path: str | os.PathLike) -> tuple[int, str | None]:
+    """Count the regular-file members of a tar by walking its headers (no data is read), validating each
+    header's checksum; returns (members, problem or None).
+
+    Why: a corrupt header ends a tar *silently* for tarfile/webdataset (the samples after it are dropped with
+    exit 0), and a truncated file shows up only as a ReadError deep inside a loader worker.
+    """
+    size = os.path.getsize(path)
+    n = off = 0
+    with open(path, "rb") as f:
+        while True:
+            f.seek(off)
+            hdr = f.read(BLOCK)
+            if len(hdr) < BLOCK:
+                return n, (
+                    f"ends at byte {size} where member header {n + 1} should start, with no end-of-archive "
+                    "blocks (truncated)"
+                )
+            if hdr == _ZERO_BLOCK:
+                return n, None
+            unsigned = sum(hdr) - sum(hdr[148:156]) + 8 * 0x20
+            try:
+                stored, length = _octal(hdr[148:156]), _octal(hdr[124:136])
+                ok = stored in (unsigned, sum(_SIGNED_HEADER.unpack(hdr)) + 8 * 0x20)
+                bad = "" if ok else f"checksum field {stored:o}, header sums to {unsigned:o}"
+            except ValueError:
+                length, bad = 0, "checksum or size field is not a number"
+            if bad:
+                return n, (
+                    f"member header {n + 1} (byte offset {off}) is corrupt ({bad}); tar readers stop there "
+                    f"without an error, after {n // 2} samples"
+                )
+            end = off + BLOCK + -(-length // BLOCK) * BLOCK
+            if end > size:
+                name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+                return n, (
+                    f"member {n + 1} ({name!r}, byte offset {off}) needs {end} bytes but the file has {size} "
+                    "(truncated)"
+                )
+            if hdr[156:157] in _FILE_TYPES:
+                n += 1
+            off = end
+
+
+def _file_sha256(path: Path) -> str:
+    h, buf = hashlib.sha256(), bytearray(1 << 20)  # hashlib.file_digest is Python >= 3.11
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _stat_key(st: os.stat_result) -> dict:
+    # ctime as well as mtime: a tool that rewrites bytes and restores the mtime (touch -r, rsync -t) still
+    # changes ctime, so the cache cannot vouch for it.
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data["shards"] if data.get("version") == 1 and isinstance(data.get("shards"), dict) else {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}  # absent, unreadable or from another version: verify again
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """What `verify_shards` checked. `urls`/`counts` are what the loader needs (`study.data.make_loader(urls,
+    ..., expected_counts=report.counts)`)."""
+
+    shard_dir: Path
+    dataset: str
+    urls: list[str]
+    counts: dict[str, int]  # url -> samples, from the manifest
+    images: int
+    bytes: int
+    hashed: int  # shards whose sha256 was computed by this call
+    cached: int  # shards unchanged since an earlier call verified their sha256 (stat only)
+    unhashed: int  # shards checked for size + headers only (full=False, or beyond HASH_BUDGET)
+
+    def summary(self) -> str:
+        return (
+            f"{self.shard_dir}: {len(self.urls)} shards, {self.images} images, {self.bytes / 1e6:.1f} MB match "
+            f"manifest.json (sha256 checked now: {self.hashed}, unchanged since verified: {self.cached}, "
+            f"size + headers only: {self.unhashed})"
+        )
+
+
+def verify_shards(
+    shard_dir: str | os.PathLike, *, full: bool | None = None, hash_budget: int = HASH_BUDGET
+) -> VerifyReport:
+    """Check every shard of a finished directory against its manifest.json before training on it.
+
+    Per shard: it exists, its size is the manifest's `bytes`, its member headers are intact (checksums) and
+    number 2 x `count` (a .jpg and a .json per sample), and its sha256 is the manifest's. Hashing reads every
+    byte, so it is cached in `verified.json` next to the manifest, keyed by name, size, mtime_ns and ctime_ns:
+    a later call only stats unchanged files. `full=None` hashes not-yet-verified shards up to `hash_budget`
+    bytes per call (the rest get the size + header checks and are hashed by later calls); `full=True` hashes
+    every shard, cache or not; `full=False` never hashes. Raises `ShardIntegrityError` listing every bad shard
+    (expected vs found) and the rebuild command; FileNotFoundError without a manifest.
+    """
+    meta, tars = load_manifest(shard_dir, check_files=False)
+    root = _shard_dir(shard_dir)
+    cache_path = root / VERIFIED
+    cache = _read_cache(cache_path) if full is not True else {}
+    new_cache: dict[str, dict] = {}
+    problems: list[str] = []
+    hashed = cached = unhashed = 0
+    budget = hash_budget
+    for entry, tar in zip(meta["shards"], tars, strict=True):
+        name, want_bytes, count, sha = entry["name"], entry["bytes"], entry["count"], entry["sha256"]
+        try:
+            st = tar.stat()
+        except FileNotFoundError:
+            problems.append(f"{name}: missing (manifest: {count} samples, {want_bytes} bytes)")
+            continue
+        key = {**_stat_key(st), "sha256": sha}
+        if cache.get(name) == key and st.st_size == want_bytes:
+            new_cache[name] = key
+            cached += 1
+            continue
+        if st.st_size != want_bytes:
+            what = "truncated" if st.st_size < want_bytes else "longer than written"
+            problems.append(f"{name}: {st.st_size} bytes, manifest says {want_bytes} ({what})")
+            continue
+        members, problem = walk_members(tar)
+        if problem is None and members != 2 * count:
+            problem = f"{members} tar members, manifest says {count} samples = {2 * count} members"
+        if problem is not None:
+            problems.append(f"{name}: {problem}")
+            continue
+        if full is False or (full is None and st.st_size > budget):
+            unhashed += 1
+            continue
+        budget -= st.st_size
+        hashed += 1
+        got = _file_sha256(tar)
+        if got != sha:
+            problems.append(f"{name}: sha256 {got}, manifest says {sha} (contents changed)")
+            continue
+        new_cache[name] = key
+    if new_cache != cache:  # also when some shards failed: the good ones need not be hashed again
+        try:
+            atomic_write_text(cache_path, json.dumps({"version": 1, "shards": new_cache}, indent=1) + "\n")
+        except OSError as err:  # a read-only shard directory: verification still holds, it is just not cached
+            log.info("%s: cannot cache verification (%s)", cache_path, err)
+    if problems:
+        head = f"{len(problems)} of {len(tars)} shards in {root} do not match its manifest.json"
+        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems) - 5} more)" if len(problems) > 5 else "")
+        raise ShardIntegrityError(f"{head}: {shown}. Rebuild them: {rebuild_command(root, meta)}")
+    if unhashed and full is None:
+        log.warning(
+            "%s: sha256 of %d shard(s) not checked yet (over the %.0f GB hash budget of one call); they passed the "
+            "size and header checks. Hash all once (cached): python -m data_prep.shards verify %s --full",
+            *(root, unhashed, hash_budget / 1e9, _display(root)),
+        )
+    counts = {str(t): int(e["count"]) for e, t in zip(meta["shards"], tars, strict=True)}
+    size = sum(int(e["bytes"]) for e in meta["shards"])
+    dataset = str(meta.get("dataset", ""))
+    return VerifyReport(
+        root, dataset, list(counts), counts, sum(counts.values()), size, hashed, cached, unhashed
+    )
+
+
+def _shard_dir(shards: str | os.PathLike) -> Path:
+    path = Path(shards)
+    return path.parent if path.name == "manifest.json" else path
+
+
+def manifest_counts(shards: str | os.PathLike) -> dict[str, int]:
+    """Samples per shard from the manifest, keyed by the shard paths `load_manifest` returns (the loader's
+    URLs): `study.data.make_loader(..., expected_counts=manifest_counts(shard_dir))`."""
+    meta, tars = load_manifest(shards)
+    return {str(t): int(e["count"]) for e, t in zip(meta["shards"], tars, strict=True)}
+
+
+def _verify_main(argv: Sequence[str]) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep.shards verify",
+        description="Check shards against their manifest.json (size, tar headers, member count, sha256; cached)",
+    )
+    p.add_argument("shard_dir", nargs="+", help="shard directories (or their manifest.json)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--full", action="store_true", help="hash every shard, ignoring the cache")
+    mode.add_argument("--quick", action="store_true", help="size and header checks only, no sha256")
+    p.add_argument("--log", default=None)
+    a = p.parse_args(argv)
+    configure_logging(a.log)
+    failed = 0
+    for d in a.shard_dir:
+        try:
+            log.info("%s", verify_shards(d, full=True if a.full else False if a.quick else None).summary())
+        except (ShardError, FileNotFoundError) as err:
+            log.error("%s", err)
+            failed += 1
+    if failed:
+        raise SystemExit(1)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Write webdataset shards for a subset.csv")
+    """`python -m data_prep.shards --subset ... --out ... --name ...` writes shards (rule `shards`);
+    `python -m data_prep.shards verify DIR [--full | --quick]` checks them."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["verify"]:
+        _verify_main(argv[1:])
+        return
+    p = argparse.ArgumentParser(
+        description="Write webdataset shards for a subset.csv (check them with: python -m data_prep.shards verify DIR)"
+    )
     p.add_argument("--subset", required=True)
     p.add_argument("--out", required=True, help="output directory for <name>-%%06d.tar and manifest.json")
     p.add_argument("--name", required=True)

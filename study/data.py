@@ -27,6 +27,14 @@ paper scale, ~3 shards of ~9 classes per reader, old shards give ~9.5 classes pe
 shard order, so readers that share all shards (fewer shards than readers) still see one stream and keep
 disjoint every n-th samples.
 
+Integrity: a tar reader stops *silently* at a corrupt member header, so a damaged shard would just give
+fewer samples. With ``expected_counts`` (the manifest's, ``data_prep.shards.manifest_counts`` or
+``verify_shards(...).counts``) every shard read to its end must yield exactly its count, and a reader error
+(truncated file) is re-raised naming the shard; both as ``ShardIntegrityError`` with the rebuild command, also
+from DataLoader workers. Readers always read whole shards (with fewer shards than readers each reads all of
+them and keeps every n-th sample), so the count holds for every reader; a pass cut short (``epoch_len``) checks
+nothing.
+
 Randomness (shard order, shuffle buffer, geometry, colour ops) is seeded from (seed, rank, worker, epoch, pass);
 torch's global RNG (and thread count) is swapped in and out around each sample, so ``num_workers=0`` leaves
 the trainer's RNG alone.
@@ -39,8 +47,10 @@ import itertools
 import json
 import os
 import random
+import re
+import traceback
 import warnings
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,6 +59,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
+from data_prep.shards import ShardError, ShardIntegrityError, rebuild_command
 from study.augment import batch_normalizer, view_pipelines
 from study.crops import CropSpec, crop_spec, sample_views
 
@@ -56,7 +67,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png")
 DRAFT_FACTORS = (8, 4, 2, 1)  # the DCT scalings libjpeg offers through PIL's draft()
 
 
-class ShardDataError(ValueError):
+class ShardDataError(ShardError):
     """Shards are missing, empty or unusable; the message names the file and the fix."""
 
 
@@ -149,9 +160,42 @@ def _seed_words(*parts: int) -> list[int]:
     return [int(p) & 0xFFFFFFFF for p in parts]
 
 
-def _shard_samples(shard: dict) -> Generator[dict, None, None]:
-    """The samples of one shard (opened on the first ``next``)."""
-    return wds.tarfile_to_samples()(iter([shard]))
+def _rebuild(url: str) -> str:
+    d = os.path.dirname(url) or "."
+    return f"check with `python -m data_prep.shards verify {d}`, rebuild with `{rebuild_command(d)}`"
+
+
+def _shard_samples(shard: dict) -> Iterator[dict]:
+    """The samples of one shard (opened on the first ``next``). With ``shard["count"]``, ending with another
+    number of samples is an error (a corrupt header ends a tar silently); a reader error (truncated file) is
+    re-raised naming the shard."""
+    url, expected = shard["url"], shard.get("count")
+    it = wds.tarfile_to_samples()(iter([{"url": url}]))
+    n = 0
+    try:
+        while True:
+            try:
+                sample = next(it)
+            except StopIteration:
+                break
+            except ShardError:
+                raise
+            except Exception as err:  # tarfile.ReadError, EOFError, OSError, ... from deep inside webdataset
+                # webdataset appends " @ <file object>" and more args to the message; keep the reason
+                why = str(err.args[0] if err.args else err).split(" @ <", 1)[0]
+                raise ShardIntegrityError(
+                    f"shard {url} is unreadable after {n} samples ({type(err).__name__}: {why}); it is truncated "
+                    f"or corrupt: {_rebuild(url)}"
+                ) from None
+            n += 1
+            yield sample
+    finally:
+        it.close()
+    if expected is not None and n != expected:
+        raise ShardIntegrityError(
+            f"shard {url} gave {n} samples, its manifest.json says {expected}: it is "
+            f"{'truncated or corrupt' if n < expected else 'not the shard the manifest describes'}; {_rebuild(url)}"
+        )
 
 
 def interleave_shards(shards: Sequence[dict], open_max: int) -> Iterator[dict]:
@@ -195,11 +239,13 @@ class ShardStream(IterableDataset):
         seed: int,
         shuffle_buffer: int = 1000,
         interleave: int = 64,
+        expected_counts: Mapping[str, int] | None = None,
     ):
         super().__init__()
         if interleave < 1:
             raise ValueError(f"interleave must be >= 1 (shards read at once per reader), got {interleave}")
         self.urls = list(urls)
+        self.counts = _counts_for(self.urls, expected_counts)
         self.spec: CropSpec = crop_spec(crop_cfg)
         self.sizes = self.spec.sizes
         self.pipelines = view_pipelines(aug_cfg, self.sizes, flip=False, to_float=False)
@@ -256,7 +302,7 @@ class ShardStream(IterableDataset):
         rank, world, worker, n_workers = wds.utils.pytorch_worker_info()
         readers = world * n_workers
         order = np.random.default_rng(_seed_words(self.seed, epoch, p)).permutation(len(self.urls))
-        shards = [{"url": self.urls[i]} for i in order]
+        shards = [{"url": self.urls[i], "count": self.counts.get(self.urls[i])} for i in order]
         if len(shards) >= readers:
             mine = list(wds.split_by_worker(wds.split_by_node(shards)))
             slot = None
@@ -324,10 +370,52 @@ class ShardLoader:
             persistent_workers=False,
             prefetch_factor=4 if self.num_workers > 0 else None,
         )
-        it = iter(loader)
+        it = _worker_errors_named(iter(loader)) if self.num_workers > 0 else iter(loader)
         if self.epoch_len is None:
             return it
         return itertools.islice(it, self.epoch_len)
+
+
+def _worker_errors_named(batches: Iterator[dict]) -> Iterator[dict]:
+    """Batches from DataLoader workers, with a shard error re-raised as its own message.
+
+    torch re-raises a worker's exception as ``type(msg)`` with msg = "Caught X in DataLoader worker process
+    N.\nOriginal Traceback ...", a worker traceback ending in the real message; keep just that message (it
+    names the shard and the fix) and say where it came from.
+    """
+    try:
+        yield from batches
+        return
+    except ShardError as err:
+        cls, text = type(err), str(err)
+        where = re.match(r"Caught \w+ (in .*?)\.\n", text)
+        marker = f"{cls.__module__}.{cls.__qualname__}: "
+        if where is None or marker not in text:
+            raise
+        # torch's reraise() leaves a frame <-> exception cycle that keeps the DataLoader iterator (and its
+        # workers) alive until a gc run, possibly inside the next loader's forked workers; break it now
+        traceback.clear_frames(err.__traceback__)
+    clean = cls(f"{text.rsplit(marker, 1)[1].strip()} (raised {where[1]})")
+    try:
+        raise clean from None
+    finally:  # nor a cycle of our own (this frame -> clean -> its traceback -> this frame)
+        del clean, batches
+
+
+def _counts_for(urls: Sequence[str], expected: Mapping[str, int] | None) -> dict[str, int]:
+    """The expected sample count of each url, matched by path, else by file name (shards copied elsewhere);
+    empty without ``expected``. A url without a count is a wiring mistake, not a shard to skip checking."""
+    if expected is None:
+        return {}
+    by_path = {os.path.abspath(k): int(v) for k, v in expected.items()}
+    by_name = {os.path.basename(k): int(v) for k, v in expected.items()}
+    out = {}
+    for u in urls:
+        c = by_path.get(os.path.abspath(u), by_name.get(os.path.basename(u)))
+        if c is None:
+            raise ValueError(f"expected_counts has no entry for shard {u}; pass its manifest's counts")
+        out[u] = c
+    return out
 
 
 def _check_urls(urls: Sequence[str] | str) -> list[str]:
@@ -353,13 +441,16 @@ def make_loader(
     start_epoch: int = 0,
     shuffle_buffer: int = 1000,
     interleave: int = 64,
+    expected_counts: Mapping[str, int] | None = None,
 ) -> ShardLoader:
     """Batches of ``{views: [Tensor(B,3,S_v,S_v)], label: LongTensor(B), fallbacks: LongTensor(B), key: [str]}``.
 
     ``crop_cfg``/``aug_cfg`` are the ``crop:``/``aug:`` config nodes (DictConfig or dict). Views 0 and 1 are
     ``crop.size`` square (0 is the key), views 2.. are ``crop.small_size``. Incomplete batches are dropped.
     ``interleave``: shards each reader reads at once, round robin (class mixing, see the module docstring);
-    bounded because each is an open file.
+    bounded because each is an open file. ``expected_counts``: samples per shard url from the manifest
+    (``data_prep.shards.manifest_counts(shard_dir)`` or ``verify_shards(shard_dir).counts``); a shard read to
+    its end with another count, or unreadable, raises ``ShardIntegrityError`` naming it and the fix.
     """
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
@@ -373,5 +464,7 @@ def make_loader(
             "and keeps every n-th sample; write more shards (or use fewer workers) for full speed",
             stacklevel=2,
         )
-    dataset = ShardStream(urls, crop_cfg, aug_cfg, batch_size, seed, shuffle_buffer, interleave)
+    dataset = ShardStream(
+        urls, crop_cfg, aug_cfg, batch_size, seed, shuffle_buffer, interleave, expected_counts
+    )
     return ShardLoader(dataset, num_workers, epoch_len, start_epoch)
