@@ -4,6 +4,9 @@
 paper-scale one. Artefact paths (the contract between stages) are in ../shared/DESIGN.md and the README.
 """
 
+import sys
+
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
 min_version("8.0")
@@ -17,6 +20,16 @@ if "datasets" not in config:
     configfile: "config.yaml"
 
 
+# Every schema error at once, one line per offending key (snakemake's validate stops at the first and buries
+# it in a schema dump); validate then only applies the schema's `default:` values.
+if workflow.basedir not in sys.path:
+    sys.path.insert(0, workflow.basedir)
+from analysis.config_errors import ConfigSchemaError, check_config
+
+try:
+    check_config(config)  # against workflow/schemas/config.schema.yaml
+except ConfigSchemaError as exc:
+    raise WorkflowError(str(exc)) from None
 validate(config, "workflow/schemas/config.schema.yaml")
 
 

@@ -9,7 +9,23 @@ CLI (`python -m data_prep.inspect ...`):
   build --subset results/data/X/subset.csv --name X [--shards DIR] [--checkpoint CKPT ...] [--overwrite]
   embed --name X --checkpoint CKPT [--brain-key K]
   app   --name X [--port 5151] [--address 127.0.0.1]
-  serve --name X --port P --address A          (internal: the App server process that `app` starts)
+  serve --name X --port P --address A [--lifeline]   (internal: the App server process that `app` starts)
+  watchdog --session SID                              (internal: what `serve --lifeline` starts, see below)
+
+No orphaned servers. `app` serves from a child `serve` process in a session of its own; FiftyOne starts the
+MongoDB and the App's web server under it through its service wrapper (fiftyone/service/main.py), which stops
+its service when *its* parent's pipe closes, but (a) nothing tells `serve` that `app` died, and (b) the App's
+web server can hang on SIGTERM for tens of seconds, so the wrapper's own cleanup is not enough. Hence a
+lifeline: `serve`'s stdin is a pipe whose only write end `app` holds, so the kernel closes it when `app` dies
+by any means, SIGKILL included, without polling and with no start-up race (an early EOF is read too). `serve`
+first starts a small `watchdog` process in its session that blocks on that stdin; on EOF it signals every
+process of the session (serve, the wrappers, mongod, the web server: none of them leaves it), SIGTERM, then
+SIGKILL after a grace period, re-reading the session until it is empty (`serve` dies at once on SIGTERM, so
+nothing it was about to start is missed). A parent-death signal (prctl PR_SET_PDEATHSIG) was not used: it
+fires when the spawning *thread* ends (wrong for `launch_app` called from a worker thread), is Linux-only, and
+would end only `serve`, whose hanging web server would then outlive it. `build` and `embed` need nothing of
+their own: they start the database in-process through the same wrapper, whose stdin pipe from this process
+closes on SIGKILL, and it then stops mongod.
 """
 
 from __future__ import annotations
@@ -591,14 +607,91 @@ def attach_embeddings(
 
 # ----------------------------------------------------------------------------------------------- App
 
+WATCHDOG_GRACE = 3.0  # seconds between SIGTERM and SIGKILL when the `app` command is gone
+
+
+def _session_processes(sid: int, exclude: int | None = None) -> list:
+    """Live (non-zombie) processes of session `sid` as psutil.Process objects, but `exclude`.
+
+    Everything `serve` starts stays in its session (FiftyOne's wrappers change only their process group), so
+    this finds the whole tree even after re-parenting, and children spawned after any snapshot.
+    """
+    import psutil
+
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != exclude and os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (OSError, psutil.Error):
+            continue
+    return out
+
+
+def _end_session(sid: int, grace: float = WATCHDOG_GRACE, timeout: float = 10.0) -> list[int]:
+    """SIGTERM every process of session `sid` (but this one), SIGKILL what is left after `grace` seconds, and
+    return the pids still running after `timeout` more. The session is re-read at every poll, so a process
+    forked while its parent was being signalled is caught too."""
+    import psutil
+
+    me = os.getpid()
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, timeout)):
+        deadline = time.monotonic() + wait
+        signalled: set[int] = set()
+        while True:
+            procs = _session_processes(sid, exclude=me)
+            if not procs:
+                return []
+            for p in procs:
+                if p.pid not in signalled or sig == signal.SIGKILL:
+                    try:
+                        p.send_signal(sig)  # psutil checks the pid still names the same process
+                    except psutil.Error:
+                        pass
+                    signalled.add(p.pid)
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+    return sorted(p.pid for p in _session_processes(sid, exclude=me))
+
+
+def _watchdog(session: int, grace: float = WATCHDOG_GRACE) -> int:
+    """Block until stdin (the lifeline from `app`) reaches EOF, then end every process of `session`.
+
+    Refuses to run unless its parent leads `session` (i.e. it was started by `serve --lifeline`), so a stray
+    manual call cannot signal a login session.
+    """
+    if os.getsid(0) != session or os.getppid() != session:
+        print(
+            f"error: watchdog must be started by the `serve` process leading session {session} "
+            f"(this one is in session {os.getsid(0)}, parent {os.getppid()})",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 2
+    # A group of its own, like FiftyOne's wrappers: `serve`'s group then holds `serve` alone, which its parent
+    # reaps, so no zombie of ours (re-parented to init when `stop()` kills both) lingers in it.
+    os.setpgid(0, 0)
+    try:
+        while os.read(0, 4096):  # `app` never writes; only the EOF matters
+            pass
+    except OSError:
+        pass
+    print(f"watchdog: the `app` command is gone; ending session {session}", flush=True)
+    left = _end_session(session, grace)
+    if left:
+        print(f"watchdog: processes {left} still run after SIGKILL", file=sys.stderr, flush=True)
+    return 0 if not left else 1
+
 
 @dataclass
 class AppHandle:
     """A running App server; `stop()` ends every process it started.
 
     The server runs in its own session, but FiftyOne's service wrapper moves itself into a new process group
-    (`os.setpgrp`), so the group alone does not hold the App's web server: `stop()` signals the group *and*
-    every descendant seen while the server ran.
+    (`os.setpgrp`), so the group alone does not hold the App's web server: `stop()` signals the group, the
+    session *and* every descendant seen while the server ran. `process.stdin` is the server's lifeline: when
+    it closes (`stop()`, the handle is garbage-collected, or this process dies) the server's watchdog ends it.
     """
 
     process: subprocess.Popen
@@ -629,7 +722,7 @@ class AppHandle:
             pass
         for p in psutil.process_iter():
             try:
-                if os.getpgid(p.pid) == self.pgid:
+                if os.getpgid(p.pid) == self.pgid or os.getsid(p.pid) == self.pgid:
                     self._seen.setdefault(p.pid, p)
             except (ProcessLookupError, psutil.Error):
                 continue
@@ -701,6 +794,8 @@ class AppHandle:
             self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             log.warning("App server %d did not exit after SIGKILL", self.process.pid)
+        if self.process.stdin is not None and not self.process.stdin.closed:
+            self.process.stdin.close()  # the lifeline; its watchdog was signalled with the rest
         left = self.alive()
         if left:
             log.warning("App server processes %s are still running after stop()", left)
@@ -736,9 +831,11 @@ def launch_app(
 ) -> AppHandle:
     """Serve the App for `dataset_name` from a child process in a new session and return its handle.
 
-    The server runs `python -m data_prep.inspect serve` so that it, the App's server process and any database
-    it had to start share one process group that `stop()` can end completely. This process does not import
-    fiftyone. With `wait`, returns once the App answers HTTP 200.
+    The server runs `python -m data_prep.inspect serve --lifeline` so that it, the App's server process and
+    any database it had to start share one session that `stop()` can end completely, and that its watchdog
+    ends when this process dies, even by SIGKILL (see the module docstring). Keep the handle: dropping it
+    closes the lifeline and stops the server. This process does not import fiftyone. With `wait`, returns
+    once the App answers HTTP 200.
     """
     env_settings = configure_fiftyone(db_dir)
     _check_port(address, port)
@@ -762,11 +859,12 @@ def launch_app(
         str(port),
         "--address",
         address,
+        "--lifeline",
     ]
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(
             cmd,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,  # the lifeline: only this process holds the write end (close_fds)
             stdout=logf,
             stderr=subprocess.STDOUT,
             env=env,
@@ -788,7 +886,24 @@ def tunnel_command(port: int) -> str:
     return f"ssh -N -L {port}:127.0.0.1:{port} {getpass.getuser()}@{socket.gethostname()}"
 
 
-def _serve(name: str, port: int, address: str) -> int:
+def _start_watchdog() -> subprocess.Popen:
+    """Start `watchdog` in this session, on this process's stdin (the lifeline), before anything else runs
+    here: its stdout/stderr go to the same log."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    sid = os.getsid(0)
+    return subprocess.Popen(
+        [sys.executable, "-m", "data_prep.inspect", "watchdog", "--session", str(sid)], env=env
+    )
+
+
+def _serve(name: str, port: int, address: str, lifeline: bool = False) -> int:
+    if lifeline:
+        if os.getsid(0) != os.getpid():
+            print("error: serve --lifeline must lead its own session (start_new_session)", file=sys.stderr)
+            return 2
+        _start_watchdog()
     try:
         fo = _fiftyone()
         dataset = load_dataset(name)
@@ -884,6 +999,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             a.add_argument(
                 "--timeout", type=float, default=180.0, help="seconds to wait for the App to start"
             )
+        else:
+            a.add_argument(
+                "--lifeline",
+                action="store_true",
+                help="stop everything started here when stdin reaches EOF (the parent holds its write end)",
+            )
+    w = sub.add_parser("watchdog", help="internal: ends the session of `serve --lifeline` when `app` is gone")
+    w.add_argument("--session", type=int, required=True, help="the session id (= pid) of its `serve` parent")
+    w.add_argument("--grace", type=float, default=WATCHDOG_GRACE, help="seconds from SIGTERM to SIGKILL")
 
     args = p.parse_args(argv)
     if getattr(args, "brain_key", None) and len(args.checkpoint) > 1:
@@ -893,8 +1017,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log)
     configure_fiftyone(args.db_dir)
 
+    if args.cmd == "watchdog":
+        return _watchdog(args.session, args.grace)
     if args.cmd == "serve":
-        return _serve(args.name, args.port, args.address)
+        return _serve(args.name, args.port, args.address, args.lifeline)
     if args.cmd == "app":
         # Ctrl-C, and SIGTERM from a job manager, must reach `stop()`; SIGINT is set explicitly because a
         # shell starts background jobs (`... &`) with it ignored, which would leave the server running.

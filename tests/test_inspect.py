@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -308,3 +309,167 @@ def test_importing_the_module_does_not_start_a_database():
     code = "import sys, data_prep.inspect; assert 'fiftyone' not in sys.modules, 'fiftyone imported eagerly'"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert res.returncode == 0, res.stderr
+
+
+# ------------------------------------------------- a killed command leaves nothing running (issue 10)
+# These run the real CLI with FiftyOne's own database service (no FIFTYONE_DATABASE_URI), as a user does, in a
+# private database directory, and SIGKILL the command: nothing it started may outlive it.
+
+
+def _own_db_env(db: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIFTYONE_")}  # the `fo` fixture's URI too
+    env.update(FIFTYONE_DO_NOT_TRACK="true", FIFTYONE_DATABASE_DIR=str(db), PYTHONPATH=str(REPO))
+    return env
+
+
+def _fiftyone_db_services() -> list[int]:
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "--51-service" in cmd and "db" in cmd:
+            pids.append(p.pid)
+    return pids
+
+
+def _cli(db: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "data_prep.inspect", "--db-dir", str(db), *args]
+
+
+def _running(procs: list) -> list[str]:
+    import psutil
+
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+        except psutil.Error:
+            continue
+    return out
+
+
+def _wait_gone(procs: list, timeout: float) -> tuple[list[str], float]:
+    t0 = time.monotonic()
+    while _running(procs) and time.monotonic() - t0 < timeout:
+        time.sleep(0.2)
+    return _running(procs), time.monotonic() - t0
+
+
+def _cmdlines(procs: list) -> list[str]:
+    import psutil
+
+    out = []
+    for p in procs:
+        try:
+            out.append(" ".join(p.cmdline()))
+        except psutil.Error:
+            continue
+    return out
+
+
+def _has_mongod(procs: list) -> bool:
+    return any(Path(c.split(" ")[0]).name == "mongod" for c in _cmdlines(procs))
+
+
+def _kill_leftovers(procs: list) -> None:
+    import psutil
+
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+@pytest.fixture(scope="module")
+def own_db(coco, tmp_path_factory):
+    """A database directory of its own holding the COCO subset, built by the CLI (which starts and stops a
+    mongod through FiftyOne's service wrapper)."""
+    if _fiftyone_db_services():
+        pytest.skip("a FiftyOne database service of this user is running; FiftyOne would attach to it")
+    db = tmp_path_factory.mktemp("own_db") / "db"
+    env = _own_db_env(db)
+    res = subprocess.run(
+        _cli(db, "build", "--subset", str(coco["subset"]), "--name", "syn"),
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return {"db": db, "env": env, "name": "syn"}
+
+
+def test_killed_app_command_leaves_no_server_or_database(own_db, tmp_path):
+    import psutil
+
+    port = _free_port()
+    out = tmp_path / "app.out"
+    with open(out, "wb") as f:
+        app = subprocess.Popen(
+            _cli(own_db["db"], "app", "--name", own_db["name"], "--port", str(port)),
+            env=own_db["env"],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
+    procs: list = []
+    try:
+        deadline = time.monotonic() + 240
+        while "FiftyOne App for" not in out.read_text(errors="replace"):
+            assert app.poll() is None, f"app exited with {app.returncode}:\n{out.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"the App did not come up:\n{out.read_text()[-3000:]}"
+            time.sleep(0.5)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/fiftyone", timeout=10) as resp:
+            assert resp.status == 200
+        procs = psutil.Process(app.pid).children(recursive=True)
+        names = _cmdlines(procs)
+        assert _has_mongod(procs), names  # FiftyOne started a database
+        assert any("main.py" in n and f"--port {port}" in n for n in names), names  # and the web server
+        assert any(" watchdog " in n for n in names), names
+
+        app.send_signal(signal.SIGKILL)
+        assert app.wait(timeout=10) == -signal.SIGKILL
+        left, took = _wait_gone(procs, timeout=20)
+        assert left == [], f"still running {took:.1f} s after `app` was killed: {left}"
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        assert not _fiftyone_db_services()
+    finally:
+        app.kill()
+        app.wait(timeout=10)
+        _kill_leftovers(procs)
+
+
+def test_killed_build_command_leaves_no_database(own_db, coco):
+    """`build` (and `embed`, the same path) starts mongod in-process through FiftyOne's wrapper, whose stdin
+    pipe from the command closes when it dies: mongod must stop with it."""
+    import psutil
+
+    cmd = _cli(own_db["db"], "build", "--subset", str(coco["subset"]), "--name", "killed", "--overwrite")
+    build = subprocess.Popen(
+        cmd, env=own_db["env"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    procs: list = []
+    try:
+        deadline = time.monotonic() + 120
+        while not _has_mongod(procs):
+            assert build.poll() is None, f"build exited with {build.returncode} before mongod was seen"
+            assert time.monotonic() < deadline, "no mongod under `build` within 120 s"
+            time.sleep(0.05)
+            try:
+                procs = psutil.Process(build.pid).children(recursive=True)
+            except psutil.Error:
+                procs = []
+        build.send_signal(signal.SIGKILL)
+        assert build.wait(timeout=10) == -signal.SIGKILL  # killed mid-build, not finished
+        left, took = _wait_gone(procs, timeout=20)
+        assert left == [], f"still running {took:.1f} s after `build` was killed: {left}"
+    finally:
+        build.kill()
+        build.wait(timeout=10)
+        _kill_leftovers(procs)

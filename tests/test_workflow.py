@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +134,77 @@ def test_unfair_comparison_stops_the_dry_run_naming_experiment_and_key(tmp_path,
     res = _dry_run(tmp_path, cfg)
     out = res.stdout + res.stderr
     assert res.returncode != 0 and "experiments.mochi" in out and "'epochs'" in out and "mochi_128_1024_512: epochs=5" in out
+
+
+SCHEMA_FAULTS = {
+    "unknown-format": (
+        lambda c: c["datasets"]["syn_in"].update(format="imagenet21k"),
+        "config key datasets.syn_in.format: 'imagenet21k' is not one of "
+        "['imagenet', 'coco', 'openimages', 'bdd100k']",
+    ),
+    "top-level-typo": (
+        lambda c: c.update(only_experiment="iou"),
+        "config key only_experiment: unknown key (value 'iou'); did you mean 'only_experiments'?",
+    ),
+    "wrong-type": (
+        lambda c: c["shards"].update(workers="two"),
+        "config key shards.workers: 'two' is not of type 'integer'",
+    ),
+    "subset-rule-missing-key": (
+        lambda c: c["datasets"]["syn_in"]["subset"].pop("per_class"),
+        "config key datasets.syn_in.subset: 'per_class' is required for rule uniform",
+    ),
+}
+
+
+def _error_text(res: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in (res.stdout + res.stderr).splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("fault", list(SCHEMA_FAULTS))
+def test_schema_error_is_one_line_naming_the_key_without_a_schema_dump(tmp_path, default_cfg, fault):
+    mutate, line = SCHEMA_FAULTS[fault]
+    cfg = copy.deepcopy(default_cfg)
+    mutate(cfg)
+    res = _dry_run(tmp_path, cfg)
+    out = _error_text(res)
+    assert res.returncode != 0
+    text = "\n".join(out)
+    assert [x for x in out if x.startswith("config key")] == [line], text
+    assert len(out) < 15 and "Failed validating" not in text and "schema[" not in text, text
+
+
+def test_every_schema_error_is_reported_at_once(tmp_path, default_cfg):
+    cfg = copy.deepcopy(default_cfg)
+    for mutate, _line in SCHEMA_FAULTS.values():
+        mutate(cfg)
+    res = _dry_run(tmp_path, cfg)
+    out = _error_text(res)
+    assert res.returncode != 0
+    want = sorted(line for _mutate, line in SCHEMA_FAULTS.values())
+    assert sorted(x for x in out if x.startswith("config key")) == want
+    assert "(4 problems)" in res.stdout + res.stderr and len(out) < 15, "\n".join(out)
+
+
+def test_schema_defaults_are_still_set_in_the_config(tmp_path, default_cfg):
+    cfg = copy.deepcopy(default_cfg)
+    for key in ("workers", "shuffle_seed"):
+        cfg["shards"].pop(key, None)
+    cfg_path = tmp_path / "study.yaml"
+    cfg_path.write_text(yaml.safe_dump(_relocate(cfg, tmp_path)))
+    probe = tmp_path / "Snakefile"  # the real Snakefile, then print the config it left
+    probe.write_text(
+        f'import json\n\n\ninclude: "{REPO / "Snakefile"}"\n\n\n'
+        'print("SHARDS=" + json.dumps(config["shards"]), flush=True)\n'
+    )
+    res = subprocess.run(
+        [*SNAKEMAKE, "-s", str(probe), "--configfile", str(cfg_path), "--list-rules"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    printed = next(x for x in res.stdout.splitlines() if x.startswith("SHARDS="))
+    shards = json.loads(printed.removeprefix("SHARDS="))
+    assert shards["workers"] == 1 and shards["shuffle_seed"] == 0
