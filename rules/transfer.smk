@@ -16,7 +16,7 @@ for (_d, _v), _targets in transfer_batches().items():
         params:
             py=PY,
             targets=targets_json(_v, _targets),
-            out_dir=f"{RES}/transfer/{_d}/{_v}",
+            out_dir=lambda wc, output: os.path.dirname(output[0]),
             cache=TR.get("cache", f"{RES}/features"),
         threads: TR_RES.get("threads", 1)
         resources:
