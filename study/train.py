@@ -9,7 +9,24 @@ fp32 and overwrites one checkpoint per epoch; this trainer also runs on a CPU, u
 channels_last where they help, checkpoints atomically every ``ckpt_every`` steps and resumes by itself.
 
 Artefacts in ``out_dir``: ``checkpoint.pt`` (written once, at the end: Snakemake's output), ``last.pt`` (the
-rolling resume point, removed at the end), ``metrics.csv``, ``config.yaml`` (resolved) and ``train.log``.
+rolling resume point, removed at the end), ``metrics.csv``, ``config.yaml`` (resolved), ``train.log`` (this
+attempt; earlier attempts are kept as ``train.log.1``, ``.2``, ...) and ``.lock``.
+
+Run integrity (issue 10; the pieces live in ``study.runconfig`` and ``study.runstate``):
+
+- *Exact resume.* ``last.pt`` holds the model (with the MoCo queue), the optimiser, every RNG of every rank at
+  that step and at the start of the current epoch, and the partial metrics window. The loader re-seeds itself
+  per (seed, rank, worker, epoch), so a resumed run re-creates the current epoch's stream from the epoch-start
+  RNG (``DataLoader.__iter__`` draws the workers' base seed from it), drops the batches already trained, then
+  restores the step's RNG: a run killed at any step ends byte-identical to an unbroken one (same processes,
+  device and ``num_workers``). The price is re-decoding at most one epoch's consumed batches on resume.
+- *Same run only.* Checkpoints store the resolved config and a fingerprint of it (without keys that cannot
+  change the result, ``study.runconfig.NEUTRAL_KEYS``); another configuration's ``last.pt`` is refused with the
+  differing keys, a truncated or foreign one with the file name, each with the command that moves it aside.
+- *One trainer per folder.* ``cli`` takes ``<out_dir>/.lock`` (rank 0) before Hydra writes anything.
+- *Good checkpoints only.* Parameters and buffers are checked for NaN/inf before every checkpoint, so the one a
+  divergence message names is finite; a collapse guard flags runs stuck at the uniform-logit loss.
+- *One-line errors.* ``cli`` validates the overrides and every value first (``study.runconfig.RULES``).
 """
 
 from __future__ import annotations
@@ -18,9 +35,11 @@ import csv
 import logging
 import math
 import os
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +48,40 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from data_prep.shards import load_manifest
+from data_prep.shards import ShardError, load_manifest, manifest_counts, verify_shards
+from study.runconfig import (
+    ConfigError,
+    compose_config,
+    config_diff,
+    data_identity,
+    fingerprint,
+    validate_config,
+)
+from study.runstate import (
+    UNWRITABLE,
+    CollapseGuard,
+    DiskWriteError,
+    ResumeError,
+    RunError,
+    RunLocked,
+    TrainingCollapsed,
+    TrainingDiverged,
+    acquire_run_lock,
+    all_ranks,
+    atomic_save,
+    chance_loss,
+    fail,
+    from_rank0,
+    gather_rng,
+    load_resume_state,
+    model_nonfinite,
+    move_aside_cmd,
+    restore_training_state,
+    rng_state,
+    rotate_log,
+    set_rng_state,
+    write_failure,
+)
 
 log = logging.getLogger("study.train")
 
@@ -44,26 +96,30 @@ METRIC_FIELDS = [
     "fallbacks",
     "pos_logit",
     "neg_logit",
+    "collapse",
 ]
+MONITORS = ("loss", "loss_inst", "loss_nn", "pos_logit", "neg_logit")
+TRAIN_LOG = "train.log"  # Hydra's job log: ${hydra.run.dir}/${hydra.job.name}.log with run.dir=out_dir, name=train
+# Ranks > 0 log to stdout only and write no .hydra/: the run folder belongs to rank 0, which holds its lock.
+RANK_OVERRIDES = ["hydra/job_logging=stdout", "hydra.output_subdir=null"]
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the last good checkpoint is left untouched."""
+__all__ = ["DiskWriteError", "MetricsLog", "TrainingDiverged", "atomic_save", "cli", "lr_at", "read_manifest",
+           "train"]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def read_manifest(shard_dir: str | Path) -> tuple[list[str], int, list[str]]:
-    """Shard URLs, sample count and class list of one subset, from the data stage's manifest."""
+def read_manifest(shard_dir: str | Path) -> tuple[list[str], int, list[str], str]:
+    """Shard URLs, sample count, class list and data identity of one subset, from the data stage's manifest."""
     try:
         meta, tars = load_manifest(shard_dir)
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"data.shards={shard_dir}: {exc}") from None
+        raise RunError(f"data.shards={shard_dir}: {exc}") from None
     count = int(meta["totals"]["images"])
     if count == 0:
-        raise ValueError(f"{shard_dir}/manifest.json: the subset has no images; check the data stage's log for skips.")
-    return [str(t) for t in tars], count, list(meta.get("classes", []))
+        raise RunError(f"{shard_dir}/manifest.json: the subset has no images; check the data stage's log for skips.")
+    return [str(t) for t in tars], count, list(meta.get("classes", [])), data_identity(meta)
 
 
 def lr_at(step: int, total_steps: int, steps_per_epoch: int, optim: Any) -> float:
@@ -81,12 +137,6 @@ def lr_at(step: int, total_steps: int, steps_per_epoch: int, optim: Any) -> floa
     raise ValueError(f"optim.schedule={optim.schedule!r}: use 'cosine' or 'step'.")
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 class MetricsLog:
     """metrics.csv that survives resume: rows after the resumed step are dropped, so no gap and no duplicate."""
 
@@ -98,7 +148,7 @@ class MetricsLog:
                 rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
         tmp = path.with_name(path.name + ".tmp")
         with tmp.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
+            w = csv.DictWriter(fh, fieldnames=METRIC_FIELDS, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
         os.replace(tmp, path)
@@ -108,11 +158,34 @@ class MetricsLog:
             csv.DictWriter(fh, fieldnames=METRIC_FIELDS).writerow({k: row.get(k, "") for k in METRIC_FIELDS})
 
 
+@dataclass
+class Window:
+    """Monitors summed since the last metrics row; saved in last.pt so a resumed row averages the same steps."""
+
+    n: int = 0
+    imgs: int = 0
+    fallbacks: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    t0: float = field(default_factory=time.perf_counter)
+
+    def reset(self) -> None:
+        self.n = self.imgs = self.fallbacks = 0
+        self.sums = {}
+        self.t0 = time.perf_counter()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "imgs": self.imgs, "fallbacks": self.fallbacks, "sums": dict(self.sums)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.n, self.imgs, self.fallbacks = int(state["n"]), int(state["imgs"]), int(state["fallbacks"])
+        self.sums = {str(k): float(v) for k, v in state["sums"].items()}
+
+
 def _pick_device(cfg: DictConfig, local_rank: int) -> torch.device:
     if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but no CUDA device is visible; use device=auto or device=cpu.")
+        raise ConfigError("device=cuda but no CUDA device is visible; use device=auto or device=cpu.")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 
@@ -130,8 +203,19 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+@dataclass(frozen=True)
+class RunId:
+    """What a checkpoint must match to be resumed by this run."""
+
+    config: dict[str, Any]
+    fingerprint: str
+    data_id: str | None
+    world: int
+
+
 def _checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, total: int,
-                steps_per_epoch: int, cfg: DictConfig, final: bool) -> dict[str, Any]:
+                steps_per_epoch: int, cfg: DictConfig, final: bool, run: RunId,
+                rng: list[dict[str, Any]] | None = None, run_state: dict[str, Any] | None = None) -> dict[str, Any]:
     from study.models import backbone_state
 
     core = _unwrap(model)
@@ -144,38 +228,84 @@ def _checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: 
         steps_per_epoch=steps_per_epoch,
         epoch=step / max(1, steps_per_epoch),
         method=str(cfg.get("method_name", "")),
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=run.config,
+        fingerprint=run.fingerprint,
+        data_id=run.data_id,
+        world=run.world,
         final=final,
         torch_rng=torch.get_rng_state(),
+        rng=rng or [],
+        run_state=run_state or {},
     )
     return state
 
 
-def _batches(urls: list[str], cfg: DictConfig, start_epoch: int, steps_per_epoch: int) -> Iterator[dict[str, Any]]:
-    """Endless stream of batches. The loader re-seeds itself per (seed, rank, worker, epoch), so a resumed run
-    continues with the epochs it had not seen, in a reproducible order."""
-    from study.data import make_loader
+class BatchStream:
+    """Endless batches, one loader epoch of ``steps_per_epoch`` batches after another.
 
-    loader = make_loader(
-        urls,
-        crop_cfg=cfg.crop,
-        aug_cfg=cfg.aug,
-        batch_size=int(cfg.batch_size),
-        num_workers=int(cfg.num_workers),
-        seed=int(cfg.seed),
-        epoch_len=steps_per_epoch,
-        start_epoch=start_epoch,
-        shuffle_buffer=int(cfg.data.shuffle_buffer),
-        interleave=int(cfg.data.get("interleave", 64)),
-    )
-    while True:  # each pass is one epoch of steps_per_epoch batches
-        n = 0
-        for batch in loader:
-            n += 1
-            yield batch
-        if n == 0:
-            raise RuntimeError(f"the loader over {urls[:2]}... yielded no batch; is batch_size larger than what "
-                               "each reader gets from the shards?")
+    The loader re-seeds itself per (seed, rank, worker, epoch), so any epoch's stream can be re-created; the
+    global RNG state at each epoch start is kept (``epoch_rng``) because ``DataLoader.__iter__`` draws the
+    workers' base seed from it.
+    """
+
+    def __init__(self, urls: list[str], cfg: DictConfig, start_epoch: int, steps_per_epoch: int) -> None:
+        from study.data import make_loader
+
+        self.urls = urls
+        self.loader = make_loader(
+            urls,
+            crop_cfg=cfg.crop,
+            aug_cfg=cfg.aug,
+            batch_size=int(cfg.batch_size),
+            num_workers=int(cfg.num_workers),
+            seed=int(cfg.seed),
+            epoch_len=steps_per_epoch,
+            start_epoch=start_epoch,
+            shuffle_buffer=int(cfg.data.shuffle_buffer),
+            interleave=int(cfg.data.get("interleave", 64)),
+            expected_counts=manifest_counts(cfg.data.shards),  # a shard yielding fewer samples stops the run
+        )
+        self.it: Any = None
+        self.n = 0
+        self.epoch_rng: dict[str, Any] | None = None
+
+    def __next__(self) -> dict[str, Any]:
+        while True:
+            if self.it is None:
+                self.epoch_rng = rng_state()
+                self.it, self.n = iter(self.loader), 0
+            try:
+                batch = next(self.it)
+            except StopIteration:
+                if self.n == 0:
+                    raise RunError(f"the loader over {self.urls[:2]}... yielded no batch; is batch_size larger than "
+                                   "what each reader gets from the shards?") from None
+                self.it = None
+                continue
+            self.n += 1
+            return batch
+
+    def fast_forward(self, epoch_rng: dict[str, Any] | None, skip: int) -> None:
+        """Re-create the current epoch as the unbroken run drew it and drop its first ``skip`` batches."""
+        if epoch_rng is not None:
+            set_rng_state(epoch_rng)
+        for _ in range(skip):
+            next(self)
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+def _warn_changes(state: dict[str, Any], run: RunId, steps_per_epoch: int) -> None:
+    changed = config_diff(state["config"], run.config, keys="execution")
+    if int(state.get("world", run.world)) != run.world:
+        changed.append(f"processes: {state.get('world')} -> {run.world}")
+    if changed:
+        log.warning("resuming with changed execution settings (%s): the run continues, but is not byte-identical "
+                    "to an unbroken one", "; ".join(changed))
+    if int(state.get("steps_per_epoch", steps_per_epoch)) != steps_per_epoch:
+        log.warning("resuming with a different steps/epoch (%s -> %s): the schedule is rescaled",
+                    state.get("steps_per_epoch"), steps_per_epoch)
 
 
 # ------------------------------------------------------------------------------------------------- train
@@ -185,27 +315,41 @@ def train(cfg: DictConfig) -> Path:
     """Train (or resume) one model; returns the final checkpoint path."""
     from study.moco import MoCo
 
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rank, world, local_rank = _init_distributed()
-    device = _pick_device(cfg, local_rank)
+    validate_config(cfg, world=world)
+    out_dir = Path(cfg.out_dir)
     is_main = rank == 0
     final_path, last_path = out_dir / "checkpoint.pt", out_dir / "last.pt"
+    if is_main:
+        acquire_run_lock(out_dir)
+        for stale in (final_path, last_path):  # a temp file of a write that was killed; ours now (we hold the lock)
+            stale.with_name(stale.name + ".tmp").unlink(missing_ok=True)
+    device = _pick_device(cfg, local_rank)
 
     torch.manual_seed(int(cfg.seed) + rank)
-    epochs = 0 if cfg.get("random_init", False) else int(cfg.epochs)
-    if epochs > 0:
-        urls, count, _classes = read_manifest(cfg.data.shards)
+    training = not cfg.get("random_init", False)
+    data_id = None
+    if training:
+        # every shard against its manifest before any step (rank 0 also hashes what it has not verified yet)
+        report = verify_shards(cfg.data.shards, full=None if is_main else False)
+        if is_main:
+            log.info("%s", report.summary())
+        urls, count, _classes, data_id = read_manifest(cfg.data.shards)
         global_batch = int(cfg.batch_size) * world
         if count < global_batch:
-            raise ValueError(f"batch_size={cfg.batch_size} x {world} process(es) exceeds the {count} images of "
-                             f"{cfg.data.shards}; lower batch_size.")
+            raise ConfigError(f"batch_size={cfg.batch_size} x {world} process(es) exceeds the {count} images of "
+                              f"{cfg.data.shards}; lower batch_size.")
         steps_per_epoch = count // global_batch
     else:
         urls, steps_per_epoch = [], 1
-    total = epochs * steps_per_epoch
+    total = int(cfg.epochs) * steps_per_epoch if training else 0
     if cfg.max_steps is not None:
         total = min(total, int(cfg.max_steps))
+    config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    run = RunId(config, fingerprint(config, data_id), data_id, world)
+
+    resume_from = last_path if last_path.exists() else (final_path if final_path.exists() else None)
+    resume = load_resume_state(resume_from, config, data_id) if resume_from is not None else None
 
     model = MoCo(cfg.model, cfg.moco, cfg.knn, cfg.mochi).to(device)
     use_cl = cfg.channels_last is True or (cfg.channels_last == "auto" and device.type == "cuda")
@@ -217,15 +361,14 @@ def train(cfg: DictConfig) -> Path:
                                 weight_decay=float(cfg.optim.weight_decay))
 
     start = 0
-    resume_from = last_path if last_path.exists() else (final_path if final_path.exists() else None)
-    if resume_from is not None:
-        state = torch.load(resume_from, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["step"])
-        if int(state.get("steps_per_epoch", steps_per_epoch)) != steps_per_epoch:
-            log.warning("resuming with a different steps/epoch (%s -> %s): the schedule is rescaled",
-                        state.get("steps_per_epoch"), steps_per_epoch)
+    if resume is not None:
+        assert resume_from is not None
+        restore_training_state(resume, model, optimizer, resume_from)
+        start = int(resume["step"])
+        if start > total:
+            raise ResumeError(f"{resume_from} is at step {start}, beyond this run's {total} steps (the number of "
+                              f"processes changed?); move it aside to start fresh: {move_aside_cmd(resume_from, '.old')}")
+        _warn_changes(resume, run, steps_per_epoch)
         log.info("resumed from %s at step %d / %d", resume_from, start, total)
 
     train_model: torch.nn.Module = model
@@ -238,15 +381,22 @@ def train(cfg: DictConfig) -> Path:
     metrics = MetricsLog(out_dir / "metrics.csv", start) if is_main else None
     if is_main:
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
-        log.info("method=%s arch=%s device=%s world=%d bf16=%s channels_last=%s steps=%d (%d/epoch)",
-                 cfg.get("method_name"), cfg.model.arch, device, world, use_bf16, use_cl, total, steps_per_epoch)
+        log.info("method=%s arch=%s device=%s world=%d bf16=%s channels_last=%s steps=%d (%d/epoch) fingerprint=%s",
+                 cfg.get("method_name"), cfg.model.arch, device, world, use_bf16, use_cl, total, steps_per_epoch,
+                 run.fingerprint)
 
+    last_good = start if resume_from == last_path else None
     if start < total:
-        _run_steps(train_model, model, optimizer, cfg, urls, start, total, steps_per_epoch, device,
-                   use_bf16, use_cl, metrics, rank, world, last_path)
+        last_good = _run_steps(train_model, model, optimizer, cfg, urls, start, total, steps_per_epoch, device,
+                               use_bf16, use_cl, metrics, rank, world, last_path, run, resume, last_good)
 
+    nonfinite = model_nonfinite(model)
+    if not all_ranks(not nonfinite, world, device):
+        raise TrainingDiverged(_diverged(f"weights/buffers became NaN/inf by step {total} ({', '.join(nonfinite[:3])})"
+                                         f" and {final_path.name} was not written", cfg, last_path, last_good))
     if is_main:
-        atomic_save(_checkpoint(model, optimizer, total, total, steps_per_epoch, cfg, final=True), final_path)
+        atomic_save(_checkpoint(model, optimizer, total, total, steps_per_epoch, cfg, final=True, run=run),
+                    final_path)
         if last_path.exists():
             last_path.unlink()
         log.info("wrote %s", final_path)
@@ -255,23 +405,64 @@ def train(cfg: DictConfig) -> Path:
     return final_path
 
 
+def _diverged(what: str, cfg: DictConfig, last_path: Path, last_good: int | None) -> str:
+    good = (f"Last good checkpoint: {last_path} (step {last_good}; every weight, BatchNorm statistic and the queue "
+            "finite)." if last_good is not None else "No checkpoint was written before.")
+    retry = (f" A lower rate is another configuration, so move the resume point aside first: "
+             f"{move_aside_cmd(last_path, '.diverged')}" if last_good is not None else "")
+    return (f"{what}: training stopped (NaN/inf). {good} Lower optim.lr (now {cfg.optim.lr}) or check the data "
+            f"(see {Path(cfg.out_dir) / 'metrics.csv'}).{retry}")
+
+
+def _negatives(cfg: DictConfig, epoch: float) -> int:
+    """Negatives per query of the InfoNCE term: the queue plus MoCHi's synthetic ones once MoCHi is on."""
+    n = int(cfg.moco.K)
+    if cfg.mochi.get("enabled", False) and epoch >= float(cfg.mochi.get("warmup_epochs", 0) or 0):
+        n += int(cfg.mochi.s) + int(cfg.mochi.s_prime)
+    return n
+
+
 def _run_steps(train_model: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                cfg: DictConfig, urls: list[str], start: int, total: int, steps_per_epoch: int,
                device: torch.device, use_bf16: bool, use_cl: bool, metrics: MetricsLog | None, rank: int,
-               world: int, last_path: Path) -> None:
+               world: int, last_path: Path, run: RunId, resume: dict[str, Any] | None,
+               last_good: int | None) -> int | None:
+    """Steps ``start`` .. ``total - 1``; returns the step of the last checkpoint written (or resumed)."""
     from tqdm import tqdm
 
     is_main = rank == 0
-    batches = _batches(urls, cfg, start // steps_per_epoch, steps_per_epoch)
+    stream = BatchStream(urls, cfg, start // steps_per_epoch, steps_per_epoch)
+    window = Window()
+    g = cfg.guard
+    guard = CollapseGuard(rows=int(g.collapse_rows), gap=float(g.collapse_gap), loss_rtol=float(g.collapse_loss_rtol),
+                          min_step=math.ceil(int(cfg.moco.K) / (int(cfg.batch_size) * world)))
+    if resume is not None:
+        run_state = resume.get("run_state") or {}
+        if "window" in run_state:
+            window.load_state_dict(run_state["window"])
+        if "guard" in run_state:
+            guard.load_state_dict(run_state["guard"])
+        rngs = resume.get("rng") or []
+        skip = start % steps_per_epoch
+        exact = len(rngs) == world
+        t0 = time.perf_counter()
+        stream.fast_forward(rngs[rank]["epoch_start"] if exact else None, skip)
+        if exact:
+            set_rng_state(rngs[rank]["step"])
+        else:
+            held = f"the RNG state of {len(rngs)} process(es)" if rngs else "no RNG state (an older trainer wrote it)"
+            log.warning("%s holds %s, this run has %d process(es): it continues, but not byte-identical to an "
+                        "unbroken run", last_path.name, held, world)
+        if skip:
+            log.info("skipped the %d batches of epoch %d trained before the resume point (%.1f s)", skip,
+                     start // steps_per_epoch, time.perf_counter() - t0)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
     mf = torch.channels_last if use_cl else torch.contiguous_format
-    window = {"n": 0, "imgs": 0, "t0": time.perf_counter(), "fallbacks": 0}
-    sums: dict[str, float] = {}
     bar = tqdm(total=total, initial=start, desc="pretrain", disable=not (is_main and cfg.progress),
                dynamic_ncols=True)
     train_model.train()
     for step in range(start, total):
-        batch = next(batches)
+        batch = next(stream)
         lr = lr_at(step, total, steps_per_epoch, cfg.optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -280,47 +471,130 @@ def _run_steps(train_model: torch.nn.Module, model: torch.nn.Module, optimizer: 
         with autocast:
             out = train_model(views, epoch=epoch)
         loss = out["loss"]
-        if not torch.isfinite(loss.detach()):
-            good = last_path if last_path.exists() else "none yet"
-            raise TrainingDiverged(
-                f"loss is {loss.item()} at step {step}; training stopped. Last good checkpoint: {good}. "
-                f"Lower optim.lr or check the data (see {Path(cfg.out_dir) / 'metrics.csv'}).")
+        if not all_ranks(bool(torch.isfinite(loss.detach()).all()), world, device):
+            where = " on this or another rank" if world > 1 else ""
+            raise TrainingDiverged(_diverged(f"loss is {loss.item()} at step {step + 1}{where}", cfg, last_path,
+                                             last_good))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-        window["n"] += 1
-        window["imgs"] += views[0].shape[0] * world
-        window["fallbacks"] += int(batch["fallbacks"].sum())
-        for k in ("loss", "loss_inst", "loss_nn", "pos_logit", "neg_logit"):
-            sums[k] = sums.get(k, 0.0) + float(out[k].detach())
+        window.n += 1
+        window.imgs += views[0].shape[0] * world
+        window.fallbacks += int(batch["fallbacks"].sum())
+        for k in MONITORS:
+            window.sums[k] = window.sums.get(k, 0.0) + float(out[k].detach())
         done = step + 1
         bar.update(1)
-        if is_main and (done % int(cfg.log_every) == 0 or done == total):
-            dt = max(1e-9, time.perf_counter() - window["t0"])
-            row = {k: v / window["n"] for k, v in sums.items()}
+        if done % int(cfg.log_every) == 0 or done == total:
+            dt = max(1e-9, time.perf_counter() - window.t0)
+            row: dict[str, Any] = {k: v / window.n for k, v in window.sums.items()}
             row.update(step=done, epoch=round(done / steps_per_epoch, 4), lr=lr,
-                       img_per_s=round(window["imgs"] / dt, 2), fallbacks=window["fallbacks"])
-            assert metrics is not None
-            metrics.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['img_per_s']:.0f}")
-            log.info("step %d/%d epoch %.2f loss %.4f lr %.4g img/s %.1f", done, total, row["epoch"],
-                     row["loss"], lr, row["img_per_s"])
-            window.update(n=0, imgs=0, t0=time.perf_counter(), fallbacks=0)
-            sums.clear()
-        if is_main and done % int(cfg.ckpt_every) == 0 and done < total:
-            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-                raise TrainingDiverged(
-                    f"weights became NaN/inf by step {done}; the checkpoint was not overwritten "
-                    f"({last_path if last_path.exists() else 'none yet'} is the last good one). Lower optim.lr.")
-            atomic_save(_checkpoint(model, optimizer, done, total, steps_per_epoch, cfg, final=False), last_path)
+                       img_per_s=round(window.imgs / dt, 2), fallbacks=window.fallbacks)
+            chance = chance_loss(_negatives(cfg, epoch))
+            collapsed = guard.update(done, row["loss_inst"], row["pos_logit"], row["neg_logit"], chance)
+            row["collapse"] = int(collapsed)
+            if is_main:
+                assert metrics is not None
+                metrics.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['img_per_s']:.0f}")
+                log.info("step %d/%d epoch %.2f loss %.4f lr %.4g img/s %.1f", done, total, row["epoch"],
+                         row["loss"], lr, row["img_per_s"])
+            window.reset()
+            if collapsed:
+                what = (f"training collapsed: since step {guard.since} loss_inst is within "
+                        f"{guard.loss_rtol:.0%} of ln(1 + {_negatives(cfg, epoch)} negatives) = {chance:.4f} (uniform "
+                        f"logits) and |pos_logit - neg_logit| < {guard.gap:g} for {guard.streak} logged rows up to "
+                        f"step {done}: every image gets nearly the same embedding")
+                if not guard.warned and is_main:
+                    log.warning("%s. Lower optim.lr (now %s); guard.stop_on_collapse=true stops such runs.", what,
+                                cfg.optim.lr)
+                guard.warned = True
+                if from_rank0(bool(g.stop_on_collapse), world, device):
+                    aside = (f" after moving the resume point aside: {move_aside_cmd(last_path, '.collapsed')}"
+                             if last_good is not None else "")
+                    raise TrainingCollapsed(f"{what}; stopped (guard.stop_on_collapse=true). Rerun with a lower "
+                                            f"optim.lr (now {cfg.optim.lr}){aside}")
+        if done % int(cfg.ckpt_every) == 0 and done < total:
+            rngs = gather_rng(stream.epoch_rng, world)
+            nonfinite = model_nonfinite(model)
+            if not all_ranks(not nonfinite, world, device):
+                raise TrainingDiverged(_diverged(
+                    f"weights/buffers became NaN/inf by step {done} ({', '.join(nonfinite[:3]) or 'on another rank'})"
+                    f" and {last_path.name} was not overwritten", cfg, last_path, last_good))
+            if is_main:
+                state = _checkpoint(model, optimizer, done, total, steps_per_epoch, cfg, final=False, run=run,
+                                    rng=rngs, run_state={"window": window.state_dict(), "guard": guard.state_dict()})
+                atomic_save(state, last_path)
+            last_good = done
     bar.close()
+    return last_good
+
+
+# ---------------------------------------------------------------------------------------------- entry
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions whose message already names the file or key and the fix: printed as one line."""
+    from study.augment import AugConfigError
+    from study.crops import CropConfigError
+    from study.moco import MoCoConfigError
+    from study.models import CheckpointError
+
+    return (RunError, MoCoConfigError, CropConfigError, AugConfigError, CheckpointError, ShardError)
+
+
+def _log_to_file(message: str) -> None:
+    """Put the error into train.log too (the console already gets it on stderr)."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    try:
+        train(cfg)
+    except OSError as exc:  # metrics.csv, config.yaml: a full or read-only disk is the user's to fix too
+        if exc.errno not in UNWRITABLE:
+            raise
+        err = DiskWriteError(write_failure(Path(exc.filename or cfg.out_dir), exc))
+        _log_to_file(str(err))
+        fail(err)
+    except _user_errors() as exc:
+        if not isinstance(exc, RunLocked):  # the folder's train.log belongs to the other trainer
+            _log_to_file(" ".join(str(exc).split()))
+        fail(exc)
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    """Entry point: check the overrides and every value, take the run folder's lock, then start the Hydra app.
+
+    Doing this before Hydra starts means a typo, a bad value or a busy folder stops with one line and leaves
+    nothing behind (Hydra first creates the folder, ``.hydra/`` and ``train.log``). Hydra's own modes (``--help``,
+    ``--cfg``, ``-m``) skip the checks; ``train`` repeats the value checks and the lock anyway.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not any(a.startswith("-") for a in args):
+        try:
+            cfg = compose_config(args)
+            validate_config(cfg)
+            out_dir = Path(cfg.out_dir)
+            if int(os.environ.get("RANK", "0")) == 0:
+                acquire_run_lock(out_dir)
+                rotate_log(out_dir / TRAIN_LOG)
+            else:
+                args += RANK_OVERRIDES
+        except RunError as exc:
+            fail(exc)
+        except OSError as exc:  # e.g. train.log cannot be renamed on a read-only folder
+            if exc.errno not in UNWRITABLE:
+                raise
+            fail(DiskWriteError(write_failure(Path(exc.filename or "."), exc)))
+    sys.argv = [sys.argv[0], *args]
+    main()
 
 
 if __name__ == "__main__":
-    main()
+    cli()
