@@ -23,5 +23,8 @@ rule pretrain:
     conda:
         ENV
     shell:
+        # appended, not overwritten: an earlier attempt's errors (e.g. a trainer refused by the run-folder lock)
+        # stay readable; the trainer's own train.log is rotated to train.log.N
+        "echo \"=== attempt started $(date -Is) on $(hostname)\" >> {log}; "
         "OMP_NUM_THREADS={params.omp} {params.launcher} -m study.train {params.overrides} "
-        "data.shards={input.shards} out_dir={params.out_dir} progress=false > {log} 2>&1"
+        "data.shards={input.shards} out_dir={params.out_dir} progress=false >> {log} 2>&1"
