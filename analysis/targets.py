@@ -266,7 +266,9 @@ def read_voc_seg(target: str, root: str | Path, split: str) -> SegmentationSplit
 
 def read_davis(target: str, root: str | Path, split: str, resolution: str = "480p") -> VideoSplit:
     """DAVIS-2017: ``ImageSets/2017/<split>.txt`` names videos; frames ``JPEGImages/480p/<video>/*.jpg`` and
-    annotations ``Annotations/480p/<video>/*.png`` matched by file stem."""
+    annotations ``Annotations/480p/<video>/*.png`` matched by file stem. Annotations are palette indices
+    (0 background, 1..n objects, 255 void) or DAVIS-2016-style grey 0/255 masks (one object); the reader
+    keeps the raw values, ``protocols.davis_instances`` says how a video's values are read."""
     root = Path(root)
     _require(root, target, "root", "point `root` at the DAVIS folder (with JPEGImages/, Annotations/)")
     names = _read_list(root / "ImageSets" / "2017" / f"{split}.txt", target)
@@ -305,6 +307,53 @@ TORCHVISION_TARGETS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+# format -> folder layout torchvision reads under the target's root (from torchvision's own source), shown when
+# a split is missing: torchvision's message says "use download=True", which this project disables.
+TORCHVISION_LAYOUTS: dict[str, str] = {
+    "cifar10": (
+        "<root>/cifar-10-batches-py/ with data_batch_1..data_batch_5 (train), test_batch (test) and "
+        "batches.meta, i.e. cifar-10-python.tar.gz extracted into <root>"
+    ),
+    "food101": (
+        "<root>/food-101/images/<class>/<id>.jpg and <root>/food-101/meta/ with train.json, test.json and "
+        "classes.txt, i.e. food-101.tar.gz extracted into <root>"
+    ),
+    "pets": (
+        "<root>/oxford-iiit-pet/images/<Breed>_<n>.jpg and <root>/oxford-iiit-pet/annotations/ with "
+        "trainval.txt and test.txt, i.e. images.tar.gz and annotations.tar.gz extracted into "
+        "<root>/oxford-iiit-pet"
+    ),
+    "cars": (
+        "<root>/stanford_cars/devkit/ with cars_meta.mat and cars_train_annos.mat, <root>/stanford_cars/cars_train/"
+        " (train), <root>/stanford_cars/cars_test/ and <root>/stanford_cars/cars_test_annos_withlabels.mat (test)"
+    ),
+    "places365": (
+        "<root>/categories_places365.txt, the file lists <root>/places365_train_standard.txt (train) and "
+        "<root>/places365_val.txt (val), and the small (256x256) images in <root>/data_256_standard/ (train) "
+        "and <root>/val_256/ (val), i.e. filelist_places365-standard.tar, train_256_places365standard.tar and "
+        "val_256.tar extracted into <root>"
+    ),
+    "sun397": "<root>/SUN397/ClassName.txt and <root>/SUN397/<letter>/<class>/sun_*.jpg (SUN397.tar.gz extracted)",
+}
+
+
+def _tv_split_words(fmt: str, role: str, arg: Any) -> str:
+    """The split torchvision is asked for, in words (CIFAR10 takes train=True/False, SUN397 no split at all)."""
+    if fmt == "cifar10":
+        return "training split (data_batch_1..5)" if arg else "test split (test_batch)"
+    if fmt == "sun397":
+        return (
+            f"{role} split (SUN397 has no official split: a seeded fraction of all images is the test split)"
+        )
+    return f"split {arg!r}" + (f" (the {role!r} role)" if role != arg else "")
+
+
+def _tv_message(exc: BaseException) -> str:
+    """torchvision's error without its advice to download (this project passes download=False)."""
+    text = " ".join(part for part in str(exc).split(". ") if "download" not in part).strip().rstrip(".")
+    return f" (torchvision: {text})" if text else ""
+
+
 def _tv_labels(ds: Any) -> list[int]:
     """Labels without decoding images, from the attribute each torchvision class keeps them in."""
     for attr in ("targets", "_labels"):
@@ -332,8 +381,10 @@ def read_torchvision(
         )
     cls_name, roles = TORCHVISION_TARGETS[fmt]
     root = Path(root)
-    _require(root, target, "root", f"place the {cls_name} files there (downloads are disabled)")
+    layout = TORCHVISION_LAYOUTS[fmt]
+    _require(root, target, "root", f"expected layout: {layout} (downloads are disabled)")
     arg = roles.get(split, split)
+    what = f"{cls_name} {_tv_split_words(fmt, split, arg)}"
     kwargs: dict[str, Any] = {"root": str(root), "download": False}
     if fmt == "cifar10":
         kwargs["train"] = bool(arg)
@@ -343,10 +394,12 @@ def read_torchvision(
         kwargs["split"] = arg
     try:
         ds = getattr(tvd, cls_name)(**kwargs)
+        if fmt == "places365" and not Path(ds.images_dir).is_dir():  # torchvision opens images lazily
+            raise FileNotFoundError(f"image folder {ds.images_dir} does not exist")
     except (RuntimeError, FileNotFoundError, OSError, ValueError) as exc:
         raise TargetNotFoundError(
-            f"target {target!r}: {cls_name} split {arg!r} not found under {root} ({exc}); "
-            "place the dataset there in torchvision's layout"
+            f"target {target!r}: {what} not found under {root}{_tv_message(exc)}; expected layout: {layout} "
+            "(this project does not download: place the files there, or point the target's root at them)"
         ) from exc
     labels = np.asarray(_tv_labels(ds), np.int64)
     index = np.arange(len(ds))
@@ -355,7 +408,7 @@ def read_torchvision(
         n_test = int(round(test_fraction * len(ds)))
         index = np.sort(perm[:n_test] if split == "test" else perm[n_test:])
     if len(index) == 0:
-        raise EmptySplitError(f"target {target!r}: {cls_name} split {arg!r} under {root} is empty")
+        raise EmptySplitError(f"target {target!r}: {what} under {root} is empty (expected layout: {layout})")
     classes = [str(c) for c in getattr(ds, "classes", range(int(labels.max()) + 1))]
 
     def load(i: int) -> Image.Image:

@@ -214,7 +214,10 @@ def _attribute_value(v: Any, typ: type) -> Any:
 
 
 def _detections(fo, rec: Record, width: int, height: int) -> fo.Detections:
-    """Boxes as FiftyOne detections: relative [x, y, w, h]; crowd flags and per-box attributes carried."""
+    """Boxes as FiftyOne detections: relative [x, y, w, h]. Per-box attributes become detection attributes
+    (OpenImages IsOccluded/IsTruncated/IsGroupOf/IsDepiction/IsInside, BDD100K occluded/truncated/crowd), and
+    `iscrowd` is set for every format whose reader lists crowd / group-of boxes (attributes['crowd']), so one
+    filter (`F("iscrowd")`) finds COCO crowds, OpenImages group-of boxes and BDD100K crowds alike."""
     normalized = rec.attributes.get("box_coords") == "normalized"
     sx, sy = (1.0, 1.0) if normalized else (1.0 / width, 1.0 / height)
     crowd = set(rec.attributes.get("crowd") or [])

@@ -3,6 +3,11 @@
 `subset.csv` is the durable artefact of subset selection: it is written before any shard exists so the same
 subset can be rebuilt, diffed and shared. Keys are made webdataset-safe here, once, so that shard members,
 FiftyOne ids and log lines all agree on a sample's name.
+
+Per-box flags live in `attributes`, not in `Box`, so subset.csv and the shard JSON keep one box shape for every
+format: `attributes['box_attributes']` is one dict per box (aligned with `boxes`; OpenImages IsOccluded,
+IsTruncated, IsGroupOf, IsDepiction, IsInside; BDD100K occluded, truncated, crowd) and `attributes['crowd']`
+lists the indices of crowd / group-of boxes (COCO iscrowd, OpenImages IsGroupOf, BDD100K crowd).
 """
 
 from __future__ import annotations
@@ -65,6 +70,31 @@ class Record:
     @property
     def n_objects(self) -> int:
         return self.object_count if self.object_count is not None else len(self.boxes)
+
+
+def crowd_count(rec: Record) -> int:
+    """Boxes of `rec` that stand for a group of instances (crowd / group-of); each still counts as one object."""
+    return len(rec.attributes.get("crowd") or [])
+
+
+def record_from_sample(key: str, meta: dict) -> Record:
+    """A record back from a shard's `{key}.json` member (data_prep.shards.sample_json), so later stages can
+    count what the shards hold rather than what subset.csv asked for."""
+    boxes = [
+        Box(float(b[0]), float(b[1]), float(b[2]), float(b[3]), str(b[4])) for b in meta.get("boxes") or []
+    ]
+    n = meta.get("n_objects")
+    return Record(
+        key=key,
+        path=meta.get("path", ""),
+        cls=meta.get("class"),
+        boxes=boxes,
+        split=meta.get("split", ""),
+        width=meta.get("width"),
+        height=meta.get("height"),
+        attributes=dict(meta.get("attributes") or {}),
+        object_count=None if n is None or n == len(boxes) else int(n),
+    )
 
 
 def sanitize_key(stem: str) -> str:

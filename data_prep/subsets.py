@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data_prep.readers import read_records
+from data_prep.readers import file_options, read_records
 from data_prep.records import Record, configure_logging, write_subset_csv
 
 log = logging.getLogger(__name__)
@@ -276,6 +276,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--rule-json", required=True, help='e.g. \'{"rule": "uniform", "per_class": 118, "seed": 0}\''
     )
     p.add_argument("--reader-json", default="{}", help="extra reader keyword options as JSON")
+    p.add_argument(
+        "--files-json",
+        default="{}",
+        help="annotation file names (config datasets.<name>.files), e.g. "
+        '\'{"boxes_csv": "my-boxes.csv", "classes_csv": "my-classes.csv"}\'; relative to --root',
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--log", default=None)
     a = p.parse_args(argv)
@@ -283,8 +289,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         rule = json.loads(a.rule_json)
         opts = json.loads(a.reader_json)
+        files = json.loads(a.files_json)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"--rule-json/--reader-json is not valid JSON: {e}") from None
+        raise SystemExit(f"--rule-json/--reader-json/--files-json is not valid JSON: {e}") from None
+    try:
+        opts.update(file_options(a.format, files))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     result = read_records(a.format, a.root, a.split, **opts)
     chosen = select(result.records, rule)
     write_subset_csv(chosen, a.out)

@@ -28,6 +28,7 @@ rule subset:
         root=lambda wc: shlex.quote(DATASETS[wc.dataset]["root"]),
         split=lambda wc: DATASETS[wc.dataset].get("split", "train"),
         rule=lambda wc: quoted_json(DATASETS[wc.dataset]["subset"]),
+        files=lambda wc: quoted_json(DATASETS[wc.dataset].get("files", {})),
     log:
         f"{RES}/logs/subset/{{dataset}}.log",
     benchmark:
@@ -36,7 +37,7 @@ rule subset:
         ENV
     shell:
         "{params.py} -m data_prep.subsets --format {params.fmt} --root {params.root} --split {params.split} "
-        "--rule-json {params.rule} --out {output} 2> {log}"
+        "--rule-json {params.rule} --files-json {params.files} --out {output} 2> {log}"
 
 
 rule shards:
@@ -65,8 +66,11 @@ rule shards:
 
 
 rule stats:
+    # Counted from the shards (what training reads: the shard step skips empty/corrupt images); subset.csv
+    # names the skipped images.
     input:
-        f"{RES}/data/{{dataset}}/subset.csv",
+        subset=f"{RES}/data/{{dataset}}/subset.csv",
+        shards=f"{RES}/data/{{dataset}}/shards",
     output:
         f"{RES}/data/{{dataset}}/stats.json",
     params:
@@ -80,5 +84,6 @@ rule stats:
     conda:
         ENV
     shell:
-        "{params.py} -m data_prep.stats --subset {input} --name {wildcards.dataset} --many {params.many} "
+        "{params.py} -m data_prep.stats --shards {input.shards} --subset {input.subset} "
+        "--name {wildcards.dataset} --many {params.many} "
         "--few {params.few} --out {output} 2> {log}"

@@ -143,9 +143,22 @@ OI_COLUMNS = [
 ]
 
 
+def oi_flags(row_index: int) -> list[str]:
+    """IsOccluded, IsTruncated, IsGroupOf, IsDepiction, IsInside of box row `row_index`: every value (1, 0 and
+    -1 = not annotated) occurs, and every fourth row is a group-of box."""
+    return [
+        str(row_index % 2),
+        "1" if row_index % 3 == 0 else "0",
+        "1" if row_index % 4 == 1 else "0",
+        "-1" if row_index % 5 == 0 else "0",
+        "0",
+    ]
+
+
 def make_openimages(root: Path, n_images: int = 5, seed: int = 0) -> Path:
     """train/<ImageID>.jpg + box CSV (normalised) + class descriptions. The last ImageID has rows but no file;
-    one row has a LabelName missing from the descriptions; one image on disk has no rows."""
+    one row has a LabelName missing from the descriptions; one image on disk has no rows. Flag columns follow
+    `oi_flags` (group-of, occluded, truncated, depiction, including -1)."""
     rng = np.random.default_rng(seed)
     labels = {"/m/01": "Car", "/m/02": "Person", "/m/03": "Tree"}
     rows = []
@@ -165,11 +178,7 @@ def make_openimages(root: Path, n_images: int = 5, seed: int = 0) -> Path:
                     f"{x1 + 0.3:.4f}",
                     f"{y1:.4f}",
                     f"{y1 + 0.4:.4f}",
-                    "0",
-                    "0",
-                    "0",
-                    "0",
-                    "0",
+                    *oi_flags(len(rows)),
                 ]
             )
     rows.append(
@@ -189,7 +198,7 @@ def make_openimages(root: Path, n_images: int = 5, seed: int = 0) -> Path:
 
 def make_bdd(root: Path, n_frames: int = 4, seed: int = 0) -> Path:
     """images/100k/train/*.jpg + labels/det_20/det_train.json; the last frame's image is missing, one label
-    has no box2d, one frame has labels: null."""
+    has no box2d, one frame has labels: null, and the first frame's last box2d label is a crowd."""
     rng = np.random.default_rng(seed)
     frames = []
     lid = 0
@@ -221,10 +230,29 @@ def make_bdd(root: Path, n_frames: int = 4, seed: int = 0) -> Path:
                 "labels": labels if i != 1 else None,
             }
         )
+    frames[0]["labels"][-1]["attributes"]["crowd"] = True
     frames[0]["labels"].append({"id": "poly", "category": "drivable area", "attributes": {}, "poly2d": []})
     (root / "labels" / "det_20").mkdir(parents=True, exist_ok=True)
     (root / "labels" / "det_20" / "det_train.json").write_text(json.dumps(frames))
     return root
+
+
+def resave_like_spreadsheet(src: Path, dst: Path) -> Path:
+    """`src` CSV as a European-locale spreadsheet saves it: ';' separators, CR line ends, UTF-8 BOM and decimal
+    commas in numbers (written with the csv module, so quoting stays valid)."""
+    with open(src, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+
+    def cell(v: str) -> str:
+        try:
+            float(v)
+        except ValueError:
+            return v
+        return v.replace(".", ",")
+
+    with open(dst, "w", newline="", encoding="utf-8-sig") as f:
+        csv.writer(f, delimiter=";", lineterminator="\r").writerows([[cell(v) for v in r] for r in rows])
+    return dst
 
 
 def make_bad_images(directory: Path) -> dict[str, Path]:

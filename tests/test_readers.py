@@ -9,9 +9,19 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from format_fixtures import make_bdd, make_coco, make_imagenet, make_openimages
+from format_fixtures import (
+    OI_COLUMNS,
+    make_bdd,
+    make_coco,
+    make_imagenet,
+    make_openimages,
+    oi_flags,
+    resave_like_spreadsheet,
+)
 
-from data_prep.readers import DatasetLayoutError, read_records
+from data_prep import subsets
+from data_prep.inspect import _detections
+from data_prep.readers import AnnotationParseError, DatasetLayoutError, read_records
 from data_prep.records import Box, Record, make_keys, read_subset_csv, write_subset_csv
 
 
@@ -150,3 +160,182 @@ def test_subset_csv_round_trip(tmp_path):
     assert back == recs
     assert [r.n_objects for r in back] == [1, 1, 1]
     assert not list(path.parent.glob("*.tmp"))
+
+
+# ------------------------------------------------------------------- issue 12: what real annotation files taught
+
+
+def _oi_rows(root: Path) -> list[dict]:
+    with open(root / "oidv6-train-annotations-bbox.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _boxes(res):
+    return {Path(r.path).name: ([b.to_list() for b in r.boxes], r.attributes) for r in res.records}
+
+
+def test_openimages_spreadsheet_saved_csvs_parse_like_the_originals(tmp_path):
+    """';' separators, CR line ends, a BOM and decimal commas: the same records as the original files."""
+    root = make_openimages(tmp_path / "oi")
+    want = _boxes(read_records("openimages", root))
+    resave_like_spreadsheet(root / "oidv7-class-descriptions-boxable.csv", root / "classes-excel.csv")
+    resave_like_spreadsheet(root / "oidv6-train-annotations-bbox.csv", root / "boxes-excel.csv")
+    raw = (root / "classes-excel.csv").read_bytes()
+    assert b";" in raw and b"\r" in raw and b"\n" not in raw  # the fixture really is a spreadsheet export
+    got = _boxes(
+        read_records("openimages", root, boxes_csv="boxes-excel.csv", classes_csv="classes-excel.csv")
+    )
+    assert got.keys() == want.keys()
+    assert got == want  # same text digits, so the same floats
+
+
+def test_class_list_that_parses_to_nothing_stops_naming_the_file(tmp_path):
+    root = make_openimages(tmp_path / "oi")
+    # One column per line (the separator was lost): no 'LabelName,DisplayName' row can be parsed.
+    (root / "names-only.csv").write_bytes(b"Car\rPerson\rTree\r")
+    with pytest.raises(AnnotationParseError) as e:
+        read_records("openimages", root, classes_csv="names-only.csv")
+    msg = str(e.value)
+    assert "names-only.csv" in msg and "0 classes" in msg and "CR line ends" in msg and "spreadsheet" in msg
+
+
+def test_mostly_skipped_rows_stop_naming_file_counts_and_cause(tmp_path):
+    root = make_openimages(tmp_path / "oi")
+    rows = _oi_rows(root)
+    # A class list of another OpenImages version: only /m/01 matches the box file's LabelNames.
+    (root / "other-version.csv").write_text("LabelName,DisplayName\n/m/01,Car\n/m/0x,Boat\n")
+    unknown = sum(r["LabelName"] != "/m/01" for r in rows)
+    assert unknown / len(rows) > 0.5
+    with pytest.raises(AnnotationParseError) as e:
+        read_records("openimages", root, classes_csv="other-version.csv")
+    msg = str(e.value)
+    assert "oidv6-train-annotations-bbox.csv" in msg and f"{unknown} of {len(rows)} box rows skipped" in msg
+    assert "other-version.csv is not the class list of this box file" in msg
+    # The same data is accepted when the threshold says so, and a reader yielding nothing always stops.
+    assert read_records("openimages", root, classes_csv="other-version.csv", max_skip_fraction=1.0).records
+    for p in (root / "train").iterdir():
+        p.unlink()
+    with pytest.raises(AnnotationParseError, match="no records from .*oidv6-train-annotations-bbox.csv"):
+        read_records("openimages", root, max_skip_fraction=1.0)
+
+
+def test_coco_annotation_file_of_another_split_stops(tmp_path):
+    root = make_coco(tmp_path / "coco", n_images=6)
+    data = json.loads((root / "annotations/instances_train2017.json").read_text())
+    for im in data["images"]:
+        im["file_name"] = "val_" + im["file_name"]
+    (root / "annotations/instances_val2017.json").write_text(json.dumps(data))
+    with pytest.raises(AnnotationParseError, match=r"instances_val2017.json: 6 of 6 images listed skipped"):
+        read_records("coco", root, annotations_json="annotations/instances_val2017.json")
+
+
+def test_openimages_flags_kept_per_box_and_group_of_is_crowd(tmp_path):
+    root = make_openimages(tmp_path / "oi")
+    rows = _oi_rows(root)
+    flag_cols = OI_COLUMNS[8:]
+    value = {"1": True, "0": False, "-1": None}
+    res = read_records("openimages", root)
+    assert res.records
+    n_group = 0
+    for rec in res.records:
+        mine = [(i, r) for i, r in enumerate(rows) if r["ImageID"] == Path(rec.path).stem]
+        mine = [(i, r) for i, r in mine if r["LabelName"] != "/m/zzz"]
+        want = [{c: value[v] for c, v in zip(flag_cols, oi_flags(i), strict=True)} for i, _ in mine]
+        assert rec.attributes["box_attributes"] == want
+        assert rec.attributes["crowd"] == [k for k, (i, _) in enumerate(mine) if oi_flags(i)[2] == "1"]
+        n_group += len(rec.attributes["crowd"])
+    assert n_group > 0 and any(
+        None in d.values() for r in res.records for d in r.attributes["box_attributes"]
+    )
+    # FiftyOne detections get the flags as attributes and iscrowd = IsGroupOf (a stand-in fo: just the kwargs).
+    fo = type(
+        "fo", (), {"Detection": staticmethod(dict), "Detections": staticmethod(lambda detections: detections)}
+    )
+    rec = next(r for r in res.records if r.attributes["crowd"])
+    dets = _detections(fo, rec, 32, 20)
+    assert [d["IsGroupOf"] for d in dets] == [d["iscrowd"] for d in dets]
+    assert [d["IsOccluded"] for d in dets] == [a["IsOccluded"] for a in rec.attributes["box_attributes"]]
+
+
+def test_bdd_crowd_flag_surfaced_like_coco_iscrowd(tmp_path):
+    root = make_bdd(tmp_path / "bdd")
+    frames = json.loads((root / "labels/det_20/det_train.json").read_text())
+    res = read_records("bdd100k", root)
+    got = _by_path(res.records)
+    for f in frames:
+        if f["name"] not in got:
+            continue
+        boxed = [lab for lab in f["labels"] or [] if "box2d" in lab]
+        rec = got[f["name"]]
+        assert rec.attributes["crowd"] == [i for i, lab in enumerate(boxed) if lab["attributes"].get("crowd")]
+    first = got[frames[0]["name"]]
+    assert first.attributes["crowd"] == [first.n_objects - 1]
+    fo = type(
+        "fo", (), {"Detection": staticmethod(dict), "Detections": staticmethod(lambda detections: detections)}
+    )
+    dets = _detections(fo, first, 40, 24)
+    assert [d["iscrowd"] for d in dets] == [False] * (first.n_objects - 1) + [True]
+
+
+def test_files_mapping_reaches_the_reader_through_the_subset_cli(tmp_path):
+    root = make_openimages(tmp_path / "oi")
+    default = tmp_path / "default.csv"
+    subsets.main(
+        [
+            "--format",
+            "openimages",
+            "--root",
+            str(root),
+            "--rule-json",
+            '{"rule": "all"}',
+            "--out",
+            str(default),
+        ]
+    )
+    (root / "oidv6-train-annotations-bbox.csv").rename(root / "my-boxes.csv")
+    (root / "oidv7-class-descriptions-boxable.csv").rename(root / "my-classes.csv")
+    files = json.dumps({"boxes_csv": "my-boxes.csv", "classes_csv": str(root / "my-classes.csv")})
+    out = tmp_path / "renamed.csv"
+    argv = [
+        "--format",
+        "openimages",
+        "--root",
+        str(root),
+        "--rule-json",
+        '{"rule": "all"}',
+        "--out",
+        str(out),
+    ]
+    subsets.main([*argv, "--files-json", files])
+    assert read_subset_csv(out) == read_subset_csv(default)
+    with pytest.raises(
+        SystemExit, match="unknown annotation file option.*labels_json.*boxes_csv, classes_csv"
+    ):
+        subsets.main([*argv, "--files-json", '{"labels_json": "x.json"}'])
+
+
+@pytest.mark.parametrize(
+    "fmt, files, ok",
+    [
+        ("openimages", {"boxes_csv": "b.csv", "classes_csv": "c.csv"}, True),
+        ("coco", {"annotations_json": "annotations/x.json"}, True),
+        ("bdd100k", {"labels_json": "l.json"}, True),
+        ("imagenet", {"loc_csv": "loc.csv", "synset_mapping": "map.txt"}, True),
+        ("coco", {"boxes_csv": "b.csv"}, False),
+        ("openimages", {"boxes": "b.csv"}, False),
+    ],
+)
+def test_schema_accepts_per_format_file_names(fmt, files, ok):
+    import yaml
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = yaml.safe_load((repo / "config.yaml").read_text())
+    cfg["datasets"] = {"d": {"format": fmt, "root": "/data", "subset": {"rule": "all"}, "files": files}}
+    schema = str(repo / "workflow/schemas/config.schema.yaml")
+    if ok:
+        validate(cfg, schema)
+    else:
+        with pytest.raises(WorkflowError):
+            validate(cfg, schema)
