@@ -102,21 +102,42 @@ def knn_predict(
     return torch.cat(out) if out else torch.zeros(0, num_classes)
 
 
-def region_similarity(pred: np.ndarray, gt: np.ndarray) -> float:
-    """DAVIS J: IoU of two binary masks; two empty masks agree perfectly (J = 1)."""
+def _valid(void: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    if void is None:
+        return np.ones(shape, bool)
+    void = np.asarray(void, bool)
+    if void.shape != shape:
+        raise ValueError(f"DAVIS metric: void mask {void.shape} differs from the masks {shape}")
+    return ~void
+
+
+def region_similarity(pred: np.ndarray, gt: np.ndarray, void: np.ndarray | None = None) -> float:
+    """DAVIS J: IoU of two binary masks over the non-void pixels; an empty union is J = 1.
+
+    Void pixels count in neither intersection nor union (davis2017-evaluation ``davis2017/metrics.py``,
+    ``db_eval_iou``: both sums are taken over ``& np.logical_not(void_pixels)``).
+    """
     pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
-    union = np.logical_or(pred, gt).sum()
+    keep = _valid(void, gt.shape)
+    union = (np.logical_or(pred, gt) & keep).sum()
     if union == 0:
         return 1.0
-    return float(np.logical_and(pred, gt).sum() / union)
+    return float((np.logical_and(pred, gt) & keep).sum() / union)
 
 
 def mask_boundary(mask: np.ndarray) -> np.ndarray:
-    """One-pixel inner boundary: mask pixels with a 4-neighbour outside the mask (image edge is not a
-    boundary, so an object cut by the frame is not penalised along the cut)."""
-    mask = np.asarray(mask, bool)
-    eroded = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(2, 1), border_value=1)
-    return mask & ~eroded
+    """The toolkit's one-pixel boundary map (davis2017-evaluation ``davis2017/metrics.py``, ``_seg2bmap``):
+    a pixel is on the boundary when it differs from its right, lower or lower-right neighbour, so the map sits
+    half a pixel towards the origin; on the last row only the right neighbour and on the last column only the
+    lower one count, and the bottom-right pixel never does (the image edge is not a boundary)."""
+    seg = np.asarray(mask, bool)
+    e, s, se = np.zeros_like(seg), np.zeros_like(seg), np.zeros_like(seg)
+    e[:, :-1], s[:-1, :], se[:-1, :-1] = seg[:, 1:], seg[1:, :], seg[1:, 1:]
+    b = (seg ^ e) | (seg ^ s) | (seg ^ se)
+    b[-1, :] = seg[-1, :] ^ e[-1, :]
+    b[:, -1] = seg[:, -1] ^ s[:, -1]
+    b[-1, -1] = False
+    return b
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -124,18 +145,21 @@ def _disk(radius: int) -> np.ndarray:
     return (yy**2 + xx**2) <= radius**2
 
 
-def contour_accuracy(pred: np.ndarray, gt: np.ndarray, bound_th: float = 0.008) -> float:
+def contour_accuracy(
+    pred: np.ndarray, gt: np.ndarray, bound_th: float = 0.008, void: np.ndarray | None = None
+) -> float:
     """DAVIS F: F-measure of boundary precision / recall where a boundary pixel matches when the other
     boundary lies within a disk of radius ``ceil(bound_th * diagonal)`` pixels (``bound_th >= 1``: pixels).
 
-    Our boundary is the inner 4-connected one (the official toolkit's ``seg2bmap`` differs by at most a pixel);
-    empty vs empty is F = 1, empty vs non-empty F = 0, as in the toolkit.
+    As davis2017-evaluation ``f_measure``: void pixels are cleared from both masks before the boundaries are
+    taken; empty vs empty is F = 1, empty vs non-empty F = 0.
     """
     pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
     if pred.shape != gt.shape:
         raise ValueError(f"contour_accuracy: mask shapes differ {pred.shape} vs {gt.shape}")
+    keep = _valid(void, gt.shape)
     radius = int(bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(*gt.shape)))
-    bp, bg = mask_boundary(pred), mask_boundary(gt)
+    bp, bg = mask_boundary(pred & keep), mask_boundary(gt & keep)
     n_p, n_g = int(bp.sum()), int(bg.sum())
     if n_p == 0 and n_g == 0:
         return 1.0

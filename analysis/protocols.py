@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from analysis import metrics
 
 DEFAULT_WD_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
-# The paper does not list its 7-class subset of VOC; SegSort / MaskContrast's segment retrieval used (as far as
-# we can tell) these seven object classes. A config value, not a fact: override with `subset_classes`.
+# The paper's 7 classes (bus, airplane, car, person, cat, cow, bottle): exactly the VOC classes MaskContrast's
+# retrieval config does not ignore (segmentation/configs/retrieval/retrieval_VOCSegmentation_unsupervised_saliency
+# .yml, `ignore_classes`: the other 13). Override with `subset_classes`.
 DEFAULT_SUBSET_CLASSES = ("aeroplane", "bottle", "bus", "car", "cat", "cow", "person")
 
 
@@ -311,9 +312,22 @@ def _regions(
     return assign, ids, F.normalize(desc, dim=1)
 
 
-def _mask_at(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    t = torch.from_numpy(np.asarray(mask, np.uint8).copy())[None, None].float()
-    return F.interpolate(t, size=hw, mode="nearest")[0, 0].to(torch.uint8).numpy()
+def _segments_at(assign: torch.Tensor, fhw: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """A segment map at feature resolution resized (nearest) to the ground-truth size."""
+    t = assign.reshape(1, 1, *fhw).float()
+    return F.interpolate(t, size=size, mode="nearest")[0, 0].long().numpy()
+
+
+def _vote(seg: np.ndarray, gt: np.ndarray, ids: torch.Tensor, nc: int, skip: set[int]) -> list[int | None]:
+    """Majority ground-truth class of each segment's pixels, ``skip`` classes left out of the vote; None when
+    no pixel remains. Ties go to the highest class id, as MaskContrast's ``max((count, class))``."""
+    n_seg = int(seg.max()) + 1
+    counts = np.bincount(seg.ravel() * 256 + gt.ravel(), minlength=n_seg * 256).reshape(n_seg, 256)[:, :nc]
+    counts[:, [c for c in skip if c < nc]] = 0
+    out: list[int | None] = []
+    for r in ids.tolist():
+        out.append(int(nc - 1 - np.argmax(counts[r, ::-1])) if counts[r].any() else None)
+    return out
 
 
 def segment_retrieval(
@@ -328,14 +342,28 @@ def segment_retrieval(
     kmeans_iters: int = 30,
     seed: int = 0,
     ignore_index: int = 255,
+    background: str = "keep",
 ) -> dict:
-    """Semantic segment retrieval (paper Table 6).
+    """Semantic segment retrieval (paper Table 6) scored in two settings, each with its own memory bank.
 
     Per image, K-means on the L2-normalised spatial embeddings gives segments; a segment's descriptor is the
-    mean embedding inside it. Train regions are labelled with the majority ground-truth class of their cells
-    (ground truth resized to the feature grid, ``ignore_index`` skipped; all-void regions are dropped). Each val
-    region takes the label of its most similar (cosine) train region; the label map is upsampled (nearest) to
-    the ground-truth size and scored by mIoU over all classes and over ``subset_classes``.
+    mean embedding inside it. A train segment's label is the majority ground-truth class of its pixels at
+    ground-truth resolution (segment map resized nearest), ``ignore_index`` left out of the vote and segments
+    without a voting pixel left out of the bank (MaskContrast ``segmentation/utils/retrieval_utils.py``,
+    ``build_memory_bank``). Each val segment takes the label of its most similar (cosine) bank segment.
+
+    - ``mIoU_<all>``: all classes, the mean over every class incl. background (MaskContrast's 21-class config
+      ``retrieval_..._21_classes.yml``, ``ignore_classes: []``, ``meter.return_score``);
+    - ``mIoU_<subset>``: the classes not in ``subset_classes`` (nor background) become ``ignore_index`` in the
+      train and the val ground truth before the bank is built and before scoring (MaskContrast
+      ``segmentation/data/dataloaders/pascal_voc.py``, ``_load_semseg``), so they are neither bank labels nor
+      false positives; the mean runs over ``subset_classes`` only, background left out
+      (``retrieval``: ``ignore_classes = [0] + val_dataset.ignore_classes``).
+
+    ``background``: MaskContrast votes over object classes only (``class_ not in [0, 255]``) because its
+    segments are saliency masks and the non-salient pixels are predicted background. K-means segments tile the
+    whole image, so by default (``"keep"``) background votes like a class and can be retrieved; ``"drop"``
+    applies MaskContrast's vote literally (background never a bank label, hence never predicted).
     """
     _check_nonempty("segment retrieval", train_feats, val_feats)
     if len(train_feats) != len(train_masks) or len(val_feats) != len(val_masks):
@@ -345,40 +373,61 @@ def segment_retrieval(
         raise ValueError(
             f"segment retrieval: subset_classes {unknown} are not among the classes {list(classes)}"
         )
+    if background not in ("keep", "drop"):
+        raise ValueError(f"segment retrieval: background must be 'keep' or 'drop', got {background!r}")
     nc = len(classes)
-    bank, bank_labels = [], []
-    for i, (feat, mask) in enumerate(zip(train_feats, train_masks, strict=True)):
-        assign, ids, desc = _regions(feat, n_segments, kmeans_iters, seed + i)
-        gt = torch.from_numpy(_mask_at(mask, tuple(feat.shape[-2:])).reshape(-1).astype(np.int64))
-        for r, d in zip(ids, desc, strict=True):
-            lab = gt[assign == r]
-            lab = lab[lab != ignore_index]
-            if lab.numel():
-                bank.append(d)
-                bank_labels.append(int(torch.bincount(lab, minlength=nc).argmax()))
-    if not bank:
-        raise ValueError("segment retrieval: no train region has a non-void ground-truth label")
-    bank_t, bank_l = torch.stack(bank), torch.tensor(bank_labels)
-    conf = np.zeros((nc, nc), dtype=np.int64)
-    for i, (feat, mask) in enumerate(zip(val_feats, val_masks, strict=True)):
-        h, w = feat.shape[-2:]
-        assign, ids, desc = _regions(feat, n_segments, kmeans_iters, seed + 100_003 + i)
-        nearest = (desc @ bank_t.T).argmax(1)
-        lut = torch.zeros(int(assign.max()) + 1, dtype=torch.long)
-        lut[ids] = bank_l[nearest]
-        pred = lut[assign].reshape(1, 1, h, w).float()
-        mask = np.asarray(mask)
-        pred_full = F.interpolate(pred, size=mask.shape, mode="nearest")[0, 0].long().numpy()
-        conf += metrics.confusion_matrix(pred_full, mask, nc, ignore_index)
+    bg = list(classes).index("background") if "background" in classes else None
+    if background == "drop" and bg is None:
+        raise ValueError("segment retrieval: background='drop' needs a 'background' class")
     subset_idx = [list(classes).index(c) for c in subset_classes]
-    iou = metrics.iou_per_class(conf)
+    train_regions = [_regions(f, n_segments, kmeans_iters, seed + i) for i, f in enumerate(train_feats)]
+    val_regions = [_regions(f, n_segments, kmeans_iters, seed + 100_003 + i) for i, f in enumerate(val_feats)]
+    grids = [tuple(f.shape[-2:]) for f in train_feats], [tuple(f.shape[-2:]) for f in val_feats]
+
+    def run(keep: set[int]) -> tuple[np.ndarray, int]:
+        """Bank from the train ground truth with classes outside ``keep`` set to ignore; val confusion."""
+        lut = np.full(256, ignore_index, dtype=np.int64)
+        lut[sorted(keep)] = sorted(keep)
+        skip = {ignore_index} | ({bg} if background == "drop" else set())
+        bank, labels = [], []
+        for (assign, ids, desc), fhw, mask in zip(train_regions, grids[0], train_masks, strict=True):
+            gt = lut[np.asarray(mask)]
+            votes = _vote(_segments_at(assign, fhw, gt.shape), gt, ids, nc, skip)
+            for d, v in zip(desc, votes, strict=True):
+                if v is not None:
+                    bank.append(d)
+                    labels.append(v)
+        if not bank:
+            raise ValueError("segment retrieval: no train region has a voting ground-truth label")
+        bank_t, bank_l = torch.stack(bank), torch.tensor(labels)
+        conf = np.zeros((nc, nc), dtype=np.int64)
+        for (assign, ids, desc), fhw, mask in zip(val_regions, grids[1], val_masks, strict=True):
+            gt = lut[np.asarray(mask)]
+            seg_lut = torch.zeros(int(assign.max()) + 1, dtype=torch.long)
+            seg_lut[ids] = bank_l[(desc @ bank_t.T).argmax(1)]
+            pred = seg_lut.numpy()[_segments_at(assign, fhw, gt.shape)]
+            conf += metrics.confusion_matrix(pred, gt, nc, ignore_index)
+        return conf, len(labels)
+
+    conf_all, n_bank_all = run(set(range(nc)))
+    conf_sub, n_bank_sub = run(set(subset_idx) | ({bg} if bg is not None else set()))
+    iou_all, iou_sub = metrics.iou_per_class(conf_all), metrics.iou_per_class(conf_sub)
     return {
-        f"mIoU_{nc}": metrics.mean_iou(conf),
-        f"mIoU_{len(subset_idx)}": metrics.mean_iou(conf, subset_idx),
-        "iou_per_class": {c: (None if np.isnan(v) else float(v)) for c, v in zip(classes, iou, strict=True)},
+        f"mIoU_{nc}": metrics.mean_iou(conf_all),
+        f"mIoU_{len(subset_idx)}": metrics.mean_iou(conf_sub, subset_idx),
+        "iou_per_class": {c: (None if np.isnan(v) else float(v)) for c, v in zip(classes, iou_all, strict=True)},
+        f"iou_per_class_{len(subset_idx)}": {
+            classes[i]: (None if np.isnan(iou_sub[i]) else float(iou_sub[i])) for i in subset_idx
+        },
         "settings": {
             "n_segments": n_segments, "kmeans_iters": kmeans_iters, "seed": seed, "subset_classes": list(subset_classes),
-            "n_train_regions": len(bank_labels), "region_label": "majority at feature resolution",
+            "n_train_regions": n_bank_all, f"n_train_regions_{len(subset_idx)}": n_bank_sub,
+            "region_label": "majority of the segment's ground-truth pixels at ground-truth resolution, void "
+            "excluded" + (", background excluded (MaskContrast vote)" if background == "drop" else
+                          ", background votes as a class"),
+            "background": background,
+            "subset_rule": "other classes -> ignore in bank and val ground truth; mean over the subset, "
+            "background excluded (MaskContrast retrieval)",
         },
     }  # fmt: skip
 
@@ -386,7 +435,75 @@ def segment_retrieval(
 # ---------------------------------------------------------------------------------- video propagation
 
 
+def context_frames(t: int, context: int) -> list[int]:
+    """Key frames of target frame ``t``: frame 0 (videowalk's long memory, ``--long-mem 0``) and then the
+    ``context`` frames before ``t``, where the missing history of the first frames is frame 0 repeated.
+
+    videowalk pads a video with ``videoLen`` copies of frame 0 (``code/data/vos.py``, ``make_paths``:
+    ``i = max(0, i - self.videoLen)``) and gives padded query ``t + n`` the keys ``t .. t + n - 1``
+    (``code/utils/test_utils.py``, ``context_index_bank``), i.e. real frames ``max(0, t - n + i)``.
+    """
+    return [0, *(max(0, t - context + i) for i in range(context))]
+
+
+def radius_mask(h: int, w: int, radius: float) -> torch.Tensor:
+    """(hw, hw) True where two cells of an h x w grid are strictly closer than ``radius`` (Euclidean, in
+    cells): videowalk ``code/utils/__init__.py``, ``MaskedAttention.make``: ``D = (D < self.radius)``."""
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    pos = torch.stack([yy.reshape(-1), xx.reshape(-1)], 1).float()
+    return torch.cdist(pos, pos) < radius
+
+
 @torch.no_grad()
+def propagate_soft(
+    feats: torch.Tensor,
+    first_labels: np.ndarray,
+    n_labels: int,
+    *,
+    topk: int = 10,
+    context: int = 20,
+    radius: float = 12,
+    temperature: float = 0.05,
+    chunk: int = 512,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Label distributions at feature resolution, (T, n_labels, h, w), propagated as ajabri/videowalk's
+    ``code/test.py`` does (its ``mem_efficient_batched_affinity`` in ``code/utils/test_utils.py``):
+
+    - keys of frame t are ``context_frames(t, context)``: frame 0 plus the previous ``context`` frames, the
+      start of the video padded with copies of frame 0 (so early frames weigh frame 0 several times);
+    - affinity = dot product of L2-normalised features / ``temperature``; the ``radius_mask`` (strictly
+      ``< radius``) restricts the recent frames only, never the long-memory frame 0
+      (``A[0, :, len(long_mem):] += mask``);
+    - the top-k affinities over all keys are softmaxed and average the keys' label distributions; predicted
+      distributions (not argmaxed, ``--norm_mask`` off) are the labels of later frames;
+    - frame 0's distribution is its one-hot labels resized bilinearly (half-pixel centres, no antialias) to
+      the feature grid, as ``code/data/vos.py`` does with ``cv2.resize`` (INTER_LINEAR) of the one-hot map.
+    """
+    dev = _device(device)
+    t_len, _, h, w = feats.shape
+    emb = F.normalize(feats.to(dev).float(), dim=1).flatten(2).transpose(1, 2)  # (T, hw, C)
+    onehot = (
+        F.one_hot(torch.from_numpy(np.asarray(first_labels, np.int64)), n_labels).permute(2, 0, 1).float()
+    )
+    first = F.interpolate(onehot[None], size=(h, w), mode="bilinear", align_corners=False, antialias=False)
+    probs = [first[0].flatten(1).T.to(dev)]  # (hw, L)
+    within = radius_mask(h, w, radius).to(dev)  # (hw, hw)
+    for t in range(1, t_len):
+        ctx = context_frames(t, context)
+        keys = emb[ctx]  # (m, hw, C); frame 0 first, unmasked
+        labels = torch.cat([probs[i] for i in ctx])  # (m*hw, L)
+        out = []
+        for s in range(0, h * w, chunk):
+            sim = torch.einsum("bc,mkc->bmk", emb[t, s : s + chunk], keys) / temperature
+            sim[:, 1:] = sim[:, 1:].masked_fill(~within[s : s + chunk, None, :], float("-inf"))
+            vals, idx = sim.flatten(1).topk(min(topk, sim.shape[1] * sim.shape[2]), dim=1)
+            wts = torch.softmax(vals, dim=1)
+            out.append((wts.unsqueeze(2) * labels[idx]).sum(1))
+        probs.append(torch.cat(out))
+    return torch.stack([p.T.reshape(n_labels, h, w) for p in probs]).cpu()
+
+
 def propagate_labels(
     feats: torch.Tensor,
     first_labels: np.ndarray,
@@ -400,38 +517,17 @@ def propagate_labels(
     chunk: int = 512,
     device: str | torch.device | None = None,
 ) -> np.ndarray:
-    """Videowalk-style label propagation with frozen features.
+    """Videowalk label propagation with frozen features (rules: ``propagate_soft``).
 
-    ``feats`` (T, C, h, w); ``first_labels`` (H0, W0) ints in [0, n_labels). Each position of frame t attends
-    to the first frame and the previous ``context`` frames, restricted to keys within ``radius`` feature cells;
-    the top-k affinities are softmaxed at ``temperature`` and average the keys' label distributions. The
-    distributions are upsampled (bilinear) to ``out_size`` and argmaxed. Returns (T, H, W) int64 (frame 0 is
-    the given labels resized). The affinities are dense (T x hw x context*hw): run it on a GPU at DAVIS scale.
+    ``feats`` (T, C, h, w); ``first_labels`` (H0, W0) ints in [0, n_labels). The distributions are upsampled
+    bilinearly to ``out_size`` and argmaxed (videowalk ``dump_predictions``: ``cv2.resize`` then argmax).
+    Returns (T, H, W) int64; frame 0 is the given labels when they have ``out_size``. The affinities are
+    dense (T x hw x (context + 1) * hw): run it on a GPU at DAVIS scale.
     """
-    dev = _device(device)
-    t_len, _, h, w = feats.shape
-    emb = F.normalize(feats.to(dev).float(), dim=1).flatten(2).transpose(1, 2)  # (T, hw, C)
-    onehot = (
-        F.one_hot(torch.from_numpy(np.asarray(first_labels, np.int64)), n_labels).permute(2, 0, 1).float()
-    )
-    probs = [F.interpolate(onehot[None], size=(h, w), mode="area")[0].flatten(1).T.to(dev)]  # (hw, L)
-    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    pos = torch.stack([yy.reshape(-1), xx.reshape(-1)], 1).float()
-    within = (torch.cdist(pos, pos) <= radius).to(dev)  # (hw, hw)
-    for t in range(1, t_len):
-        ctx = [0, *range(max(1, t - context), t)]
-        keys = emb[ctx]  # (m, hw, C)
-        labels = torch.cat([probs[i] for i in ctx])  # (m*hw, L)
-        out = []
-        for s in range(0, h * w, chunk):
-            q = emb[t, s : s + chunk]  # (b, C)
-            sim = torch.einsum("bc,mkc->bmk", q, keys)
-            sim = sim.masked_fill(~within[s : s + chunk, None, :], float("-inf")).flatten(1)
-            vals, idx = sim.topk(min(topk, sim.shape[1]), dim=1)
-            wts = torch.softmax(vals / temperature, dim=1)
-            out.append((wts.unsqueeze(2) * labels[idx]).sum(1))
-        probs.append(torch.cat(out))
-    maps = torch.stack([p.T.reshape(n_labels, h, w) for p in probs]).cpu()
+    maps = propagate_soft(
+        feats, first_labels, n_labels, topk=topk, context=context, radius=radius, temperature=temperature,
+        chunk=chunk, device=device,
+    )  # fmt: skip
     up = F.interpolate(maps, size=out_size, mode="bilinear", align_corners=False)
     pred = up.argmax(1).numpy()
     if tuple(np.shape(first_labels)) == tuple(out_size):
@@ -446,9 +542,17 @@ def davis_scores(
     *,
     bound_th: float = 0.008,
     exclude_last: bool = True,
+    void_label: int | None = 255,
 ) -> tuple[list[float], list[float]]:
     """Per-object mean J and F of one video over frames 1..T-1 (the DAVIS-2017 toolkit also drops the last
-    frame: ``exclude_last``); frames without a ground-truth file are skipped."""
+    frame: ``exclude_last``, ``all_gt_masks[:, 1:-1]`` in ``davis2017/evaluation.py``); frames without a
+    ground-truth file are skipped.
+
+    Ground-truth pixels equal to ``void_label`` are excluded from J and F (``void_masks = gt == 255`` passed
+    to ``db_eval_iou`` / ``db_eval_boundary`` in ``_evaluate_semisupervised``). ``void_label=None`` scores
+    them as background instead, which is what the released toolkit ends up doing: ``davis2017/davis.py``
+    ``_get_all_elements`` sets 255 to 0 before that void mask is taken, so the mask is always empty there.
+    """
     end = len(preds) - 1 if exclude_last else len(preds)
     frames = [f for f in range(1, end) if gts[f] is not None]
     if not frames:
@@ -457,11 +561,33 @@ def davis_scores(
         )
     j_obj, f_obj = [], []
     for o in object_ids:
-        js = [metrics.region_similarity(preds[f] == o, gts[f] == o) for f in frames]
-        fs = [metrics.contour_accuracy(preds[f] == o, gts[f] == o, bound_th) for f in frames]
+        js, fs = [], []
+        for f in frames:
+            gt, pr = np.asarray(gts[f]), np.asarray(preds[f])
+            void = gt == void_label if void_label is not None else None
+            js.append(metrics.region_similarity(pr == o, gt == o, void))
+            fs.append(metrics.contour_accuracy(pr == o, gt == o, bound_th, void))
         j_obj.append(float(np.mean(js)))
         f_obj.append(float(np.mean(fs)))
     return j_obj, f_obj
+
+
+def davis_instances(first: np.ndarray, void_label: int = 255) -> tuple[np.ndarray, int, bool]:
+    """How to read one video's annotation values: (lut (256,) raw value -> 0 background, 1..n objects,
+    ``void_label`` kept; n; binary).
+
+    DAVIS-2017 annotations are palette indices, 0 background, 1..n objects, ``void_label`` void. A first frame
+    whose values are only {0, 255} with some 255 is a DAVIS-2016-style binary mask: 255 is then the one object
+    (and no pixel is void), so the video is scored rather than found object-less."""
+    values = {int(v) for v in np.unique(first)}
+    lut = np.zeros(256, dtype=np.int64)
+    if values <= {0, 255} and 255 in values:
+        lut[255] = 1
+        return lut, 1, True
+    ids = sorted(values - {0, void_label})
+    lut[ids] = np.arange(1, len(ids) + 1)
+    lut[void_label] = void_label
+    return lut, len(ids), False
 
 
 def summarise_davis(per_video: dict[str, tuple[list[float], list[float]]], settings: dict) -> dict:

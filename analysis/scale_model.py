@@ -49,6 +49,11 @@ PROTOCOL_SIZES: dict[str, dict[str, Any]] = {
     "segment_retrieval": {"image_size": 64, "stride": 8, "n_segments": 5},
     "video_propagation": {"short_side": 48, "stride": 8},
 }
+# Per-recipe overrides of linear targets: MoCo's 100 SGD epochs (analysis.linear_sgd) shrink to two, with the lr
+# step between them so the schedule still runs.
+RECIPE_SIZES: dict[str, dict[str, Any]] = {
+    "moco_sgd": {"epochs": 2, "milestones": [1], "batch_size": 16},
+}
 
 # The world: a few hundred tiny images in all (the embedded default's spec, smaller).
 WORLD_SPEC: dict[str, Any] = {
@@ -149,6 +154,7 @@ def derive(paper: Mapping[str, Any], results: str | Path) -> dict[str, Any]:
                              "analysis.scale_model.TARGET_STAND_INS")  # fmt: skip
         fmt, folder = TARGET_STAND_INS[t["format"]]
         t.update(format=fmt, root=f"{syn}/{folder}", synthetic=True, **PROTOCOL_SIZES.get(t["protocol"], {}))
+        t.update(RECIPE_SIZES.get(t.get("recipe", ""), {}))
         t.pop("splits", None)  # each synthetic set has its format's default split names
     cfg["shards"].update(SHARDS)
     pre = cfg["pretrain"]

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from analysis import metrics, protocols
+from analysis import linear_sgd, metrics, protocols
 from analysis.features import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor, FeatureSpec
 from analysis.targets import (
     ImageSplit,
@@ -69,16 +69,22 @@ COMMON_DEFAULTS: dict[str, Any] = {
 }
 _LINEAR = {"wd_grid": list(protocols.DEFAULT_WD_GRID), "val_fraction": 0.2, "max_iter": 300, "seed": 0}
 PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "linear": dict(_LINEAR),
+    "linear": {**_LINEAR, "recipe": "lbfgs"},  # or "moco_sgd": analysis.linear_sgd (its keys replace L-BFGS's)
     "knn": {"k": 20, "temperature": 0.07},
     "voc07_svm": {"C": 0.5, "pos_weight": 2.0, "max_iter": 2000, "ap": "voc"},
     "segment_retrieval": {
         "image_size": 448, "layer": "layer4", "stride": 16, "n_segments": 15, "kmeans_iters": 30, "seed": 0,
         "subset_classes": list(protocols.DEFAULT_SUBSET_CLASSES), "store_dtype": "float16",
+        # K-means segments cover the whole image, so background votes like a class ("keep"); "drop" applies
+        # MaskContrast's bank vote literally (its saliency segments never carry background)
+        "background": "keep",
     },
     "video_propagation": {
         "short_side": 480, "layer": "layer3", "stride": 8, "topk": 10, "context": 20, "radius": 12,
         "temperature": 0.05, "bound_th": 0.008, "exclude_last": True, "chunk": 512, "store_dtype": "float16",
+        # davis2017-evaluation reads GT 255 (void) as background (davis.py _get_all_elements sets 255 to 0), so
+        # its void mask is empty; "exclude" leaves void pixels out of J and F instead (a deviation, opt-in)
+        "void": "background",
     },
     "cam": {**_LINEAR, "images": None, "n_images": 8, "cam_class": "predicted", "cam_out": None},
 }  # fmt: skip
@@ -98,6 +104,13 @@ def resolve_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if proto not in PROTOCOL_DEFAULTS:
         raise TargetError(f"target protocol {proto!r} is unknown; choose one of {sorted(PROTOCOL_DEFAULTS)}")
     settings = {**COMMON_DEFAULTS, **PROTOCOL_DEFAULTS[proto]}
+    if proto == "linear":
+        recipe = cfg.get("recipe", settings["recipe"])
+        if recipe not in linear_sgd.RECIPES:
+            raise TargetError(f"target recipe {recipe!r} is unknown; choose one of {list(linear_sgd.RECIPES)}")
+        if recipe == "moco_sgd":  # the recipe's own keys; the L-BFGS ones would be echoed but never read
+            settings = {k: v for k, v in settings.items() if k not in linear_sgd.LBFGS_KEYS}
+            settings.update(linear_sgd.MOCO_SGD_DEFAULTS)
     unknown = [k for k in cfg if k not in settings and k not in FORMAT_KEYS]
     if unknown:
         log.warning("target keys %s are not read by protocol %r", unknown, proto)
@@ -140,6 +153,8 @@ class _LazyMasks(Sequence):
 def _run_linear(ext: FeatureExtractor, name: str, cfg: Mapping[str, Any], s: dict) -> tuple[dict, int, int]:
     train, test = _image_splits(name, cfg)
     spec = _pooled_spec(s, train)
+    if s["recipe"] == "moco_sgd":  # augmented views every epoch: the backbone runs per batch, nothing cached
+        return linear_sgd.run_moco_sgd(ext, train, test, s, spec), len(train), len(test)
     xtr, xte = ext.get(train, spec, train)["features"].float(), ext.get(test, spec, train)["features"].float()
     res = protocols.linear_probe(
         xtr, _labels(train), xte, _labels(test), len(train.classes), multilabel=train.multilabel,
@@ -192,7 +207,7 @@ def _run_retrieval(
     res = protocols.segment_retrieval(
         ftr["features"], _LazyMasks(train), fte["features"], _LazyMasks(test), classes=train.classes,
         subset_classes=s["subset_classes"], n_segments=int(s["n_segments"]), kmeans_iters=int(s["kmeans_iters"]),
-        seed=int(s["seed"]), ignore_index=train.ignore_index,
+        seed=int(s["seed"]), ignore_index=train.ignore_index, background=str(s["background"]),
     )  # fmt: skip
     res["settings"]["feature_stride"] = int(ftr["stride"])
     res["settings"]["feature_grid"] = list(ftr["features"].shape[-2:])
@@ -203,10 +218,21 @@ def _run_davis(ext: FeatureExtractor, name: str, cfg: Mapping[str, Any], s: dict
     split = load_split(name, cfg, "test")
     if not isinstance(split, VideoSplit):
         raise TargetError(f"target {name!r}: video_propagation needs format 'davis'")
+    if s["void"] not in ("background", "exclude"):
+        raise TargetError(f"target {name!r}: void={s['void']!r}; use 'background' (davis2017-evaluation) or 'exclude'")
+    exclude_void = s["void"] == "exclude"
     per_video: dict[str, tuple[list[float], list[float]]] = {}
     n_frames, stride = 0, None
+    binary, empty = [], []
     for video in split.videos:
         first = load_label_png(video.annotations[0], name)
+        lut, n_obj, is_binary = protocols.davis_instances(first)
+        if n_obj == 0:  # nothing to propagate: skip before extracting features, never a NaN in J&F
+            log.warning("DAVIS %s: the first-frame annotation has no object; video skipped", video.name)
+            empty.append(video.name)
+            continue
+        if is_binary:
+            binary.append(video.name)
         h0, w0 = first.shape
         short = int(s["short_side"])
         size = (
@@ -219,21 +245,19 @@ def _run_davis(ext: FeatureExtractor, name: str, cfg: Mapping[str, Any], s: dict
         )  # fmt: skip
         blob = ext.get(frames_split(split, video), spec)
         stride = int(blob["stride"])
-        ids = sorted(int(v) for v in np.unique(first) if v not in (0, 255))
-        lut = np.zeros(256, dtype=np.int64)
-        lut[ids] = np.arange(1, len(ids) + 1)
+        # void pixels of frame 0 are one more label, propagated like the objects (videowalk's make_lbl_set
+        # takes every colour of frame 0); predicted void is no object
+        labels0 = np.where(lut[first] == 255, n_obj + 1, lut[first])
         pred = protocols.propagate_labels(
-            blob["features"], lut[first], len(ids) + 1, (h0, w0), topk=int(s["topk"]), context=int(s["context"]),
-            radius=float(s["radius"]), temperature=float(s["temperature"]), chunk=int(s["chunk"]), device=ext.device,
+            blob["features"], labels0, int(labels0.max()) + 1, (h0, w0), topk=int(s["topk"]),
+            context=int(s["context"]), radius=float(s["radius"]), temperature=float(s["temperature"]),
+            chunk=int(s["chunk"]), device=ext.device,
         )  # fmt: skip
         gts = [None if a is None else lut[load_label_png(a, name)] for a in video.annotations]
         per_video[video.name] = protocols.davis_scores(
-            list(pred),
-            gts,
-            range(1, len(ids) + 1),
-            bound_th=float(s["bound_th"]),
-            exclude_last=bool(s["exclude_last"]),
-        )
+            list(pred), gts, range(1, n_obj + 1), bound_th=float(s["bound_th"]),
+            exclude_last=bool(s["exclude_last"]), void_label=None if is_binary or not exclude_void else 255,
+        )  # fmt: skip
         n_frames += len(video.frames)
         log.info(
             "DAVIS %s: J %.3f F %.3f",
@@ -241,8 +265,17 @@ def _run_davis(ext: FeatureExtractor, name: str, cfg: Mapping[str, Any], s: dict
             np.mean(per_video[video.name][0]),
             np.mean(per_video[video.name][1]),
         )
-    keys = ("topk", "context", "radius", "temperature", "bound_th", "exclude_last", "short_side", "layer")
-    res = protocols.summarise_davis(per_video, {**{k: s[k] for k in keys}, "feature_stride": stride})
+    keys = ("topk", "context", "radius", "temperature", "bound_th", "exclude_last", "short_side", "layer", "void")
+    rules = {
+        "context_rule": "videowalk: frame 0 (long memory) + previous `context` frames, video start padded with "
+        "frame-0 copies",
+        "radius_rule": "strictly < radius, on the recent frames only (frame 0 unrestricted)",
+        "first_labels": "one-hot resized bilinearly to the feature grid",
+        "void_rule": ("GT 255 excluded from J and F (deviation from the toolkit)" if exclude_void else
+                      "GT 255 scored as background, as davis2017-evaluation loads it (davis.py: 255 -> 0)"),
+        "binary_videos": binary, "videos_without_objects": empty,
+    }  # fmt: skip
+    res = protocols.summarise_davis(per_video, {**{k: s[k] for k in keys}, "feature_stride": stride, **rules})
     return res, 0, n_frames
 
 

@@ -101,15 +101,80 @@ def test_contour_accuracy_small_shift_within_tolerance():
     assert metrics.contour_accuracy(gt, gt) == 1.0
 
 
-def test_contour_accuracy_far_shift_hand_count():
-    # 20x20 squares, rows 20-39 vs 30-49, same columns 20-39; boundary = 76 pixels each, disk radius 2.
-    # Pred boundary pixels within 2 px of the GT boundary: top row cols 20-22 and 37-39 (6), left and right
-    # columns rows 31-41 (11 each) -> 28; by symmetry recall is 28/76 too, so F = 28/76.
+def _brute_boundary(m):
+    """seg2bmap by its definition, pixel by pixel: differs from the right, lower or lower-right neighbour;
+    the last row compares only right, the last column only down, the corner never."""
+    h, w = m.shape
+    b = np.zeros_like(m, bool)
+    for y in range(h):
+        for x in range(w):
+            if y == h - 1 and x == w - 1:
+                continue
+            if y == h - 1:
+                b[y, x] = m[y, x] != m[y, x + 1]
+            elif x == w - 1:
+                b[y, x] = m[y, x] != m[y + 1, x]
+            else:
+                b[y, x] = m[y, x] != m[y, x + 1] or m[y, x] != m[y + 1, x] or m[y, x] != m[y + 1, x + 1]
+    return b
+
+
+def _brute_f(pred, gt, r):
+    bp, bg = np.argwhere(_brute_boundary(pred)), np.argwhere(_brute_boundary(gt))
+
+    def near(a, bs):
+        return any((a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2 <= r * r for b in bs)
+
+    p = sum(near(a, bg) for a in bp) / len(bp)
+    rc = sum(near(a, bp) for a in bg) / len(bg)
+    return 0.0 if p + rc == 0 else 2 * p * rc / (p + rc)
+
+
+def test_boundary_is_the_toolkit_seg2bmap():
+    # 2x2 square at rows/cols 1-2 of a 5x5 image: its right column and bottom row inside, plus the column left
+    # of it, the row above it and the top-left diagonal outside (half a pixel towards the origin): 8 pixels
+    m = np.zeros((5, 5), bool)
+    m[1:3, 1:3] = True
+    expect = np.zeros((5, 5), bool)
+    for y, x in [(1, 2), (2, 1), (2, 2), (0, 0), (0, 1), (0, 2), (1, 0), (2, 0)]:
+        expect[y, x] = True
+    np.testing.assert_array_equal(metrics.mask_boundary(m), expect)
+    rng = np.random.default_rng(3)
+    r = rng.random((9, 11)) > 0.5
+    np.testing.assert_array_equal(metrics.mask_boundary(r), _brute_boundary(r))
+
+
+def test_contour_accuracy_far_shift_against_brute_force():
+    # 20x20 squares, rows 20-39 vs 30-49: boundary 80 pixels each (39 inside + 41 outside), disk radius 2
     gt, pred = _square(20, 20), _square(30, 20)
-    assert metrics.mask_boundary(gt).sum() == 76
-    assert metrics.contour_accuracy(pred, gt) == pytest.approx(28 / 76)
+    assert metrics.mask_boundary(gt).sum() == 80
+    assert metrics.contour_accuracy(pred, gt) == pytest.approx(_brute_f(pred, gt, 2))
+    rng = np.random.default_rng(4)
+    a, b = rng.random((30, 30)) > 0.6, rng.random((30, 30)) > 0.6
+    assert metrics.contour_accuracy(a, b, bound_th=1) == pytest.approx(_brute_f(a, b, 1))
     # disjoint and far apart: nothing matches
     assert metrics.contour_accuracy(_square(70, 70), gt) == 0.0
+
+
+def test_void_pixels_are_excluded_from_j_and_f():
+    # object 2x2 at the top-left; the prediction adds (0, 2) (void) and (3, 3) (not void)
+    gt = np.zeros((4, 4), bool)
+    gt[:2, :2] = True
+    pred = gt.copy()
+    pred[0, 2] = pred[3, 3] = True
+    void = np.zeros((4, 4), bool)
+    void[0, 2] = True
+    assert metrics.region_similarity(pred, gt) == pytest.approx(4 / 6)
+    assert metrics.region_similarity(pred, gt, void) == pytest.approx(4 / 5)
+    # F: void pixels are cleared from both masks, so a blob predicted in void only (far from the object) is
+    # no boundary error; without the void mask its boundary is unmatched
+    gt, void = np.zeros((12, 12), bool), np.zeros((12, 12), bool)
+    gt[2:4, 2:4] = True
+    void[2:6, 7:11] = True
+    spill = gt | void
+    assert metrics.contour_accuracy(spill, gt, bound_th=1) < 0.6
+    assert metrics.contour_accuracy(spill, gt, bound_th=1, void=void) == 1.0
+    assert metrics.region_similarity(spill, gt, void) == 1.0
 
 
 def test_contour_accuracy_empty_cases():

@@ -116,6 +116,41 @@ def test_segment_retrieval_piecewise_constant_features_is_perfect():
         )
 
 
+def _cells(vectors, labels):
+    """A 2x2 feature grid (C, 2, 2) from four vectors and its 4x4 ground truth from four 2x2 label blocks."""
+    feat = torch.tensor(vectors, dtype=torch.float32).T.reshape(-1, 2, 2)
+    mask = np.block([[np.array(labels[0]), np.array(labels[1])], [np.array(labels[2]), np.array(labels[3])]])
+    return feat, mask.astype(np.uint8)
+
+
+def test_segment_retrieval_hand_computed_settings():
+    # One train and one val image of four one-cell segments (distinct one-hot-like features, K = 4).
+    e = np.eye(4).tolist()
+    tr_f, tr_m = _cells(e, [[[6, 6], [6, 0]], [[12, 12], [15, 0]], [[0, 0], [0, 0]], [[255] * 2] * 2])
+    v2 = (np.array(e[2]) + 0.1 * np.array(e[1])).tolist()  # nearest e2, then e1
+    v3 = (np.array(e[0]) + 0.1 * np.array(e[3])).tolist()  # nearest e0
+    va_f, va_m = _cells(
+        [e[0], e[1], v2, v3], [[[6] * 2] * 2, [[12, 12], [15, 15]], [[0, 0], [0, 8]], [[0] * 2] * 2]
+    )
+    kw = {"classes": VOC_SEG_CLASSES, "n_segments": 4}
+    res = protocols.segment_retrieval([tr_f], [tr_m], [va_f], [va_m], **kw)
+    # 21 classes, bank: bus (3 of 4), dog (2 of 4), background (4 of 4); the all-void segment is dropped.
+    # val: bus 4 TP + 4 FP -> 1/2; dog 2 TP + 2 FP -> 1/2; person 2 FN -> 0; background TP 3, FP 1, FN 4 ->
+    # 3/8; cat 1 FN -> 0.  mean over the 5 occurring classes.
+    assert res["settings"]["n_train_regions"] == 3
+    assert res["mIoU_21"] == pytest.approx((0.5 + 0.5 + 0 + 3 / 8 + 0) / 5)
+    # 7 classes: dog -> ignore in bank and val. Bank: bus, person (person 1 vs background 1, tie to the higher
+    # id as MaskContrast's max((count, class))), background. val: bus 1/2, person 2 TP (dog pixels ignored) ->
+    # 1, cat 0; background is not in the mean.
+    assert res["mIoU_7"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    assert res["iou_per_class_7"]["person"] == pytest.approx(1.0) and res["iou_per_class"]["person"] == 0.0
+    # MaskContrast's literal vote: background never in the bank, so v2 retrieves dog: dog 2 TP + 6 FP -> 1/4,
+    # background 0
+    drop = protocols.segment_retrieval([tr_f], [tr_m], [va_f], [va_m], background="drop", **kw)
+    assert drop["settings"]["n_train_regions"] == 2 and drop["settings"]["background"] == "drop"
+    assert drop["mIoU_21"] == pytest.approx((0.5 + 0.25 + 0 + 0 + 0) / 5)
+
+
 def _toy_video(t_len=5, h=4, w=12, stride=4):
     """Object 1 (rows 1-2) moves one cell right per frame, object 2 (row 3) is static. Features are one-hot
     codes of the scene content under each cell, so correspondences are exact."""
@@ -152,13 +187,100 @@ def test_label_propagation_upsampled_only_rounds_corners():
     assert min(j) > 0.9
 
 
-def test_label_propagation_radius_blocks_far_matches():
-    # with radius 0 and no context, a moving object can only be found at its old place: it stays put
+def test_context_frames_match_videowalk_padding():
+    # videowalk: pad with n copies of frame 0 (vos.make_paths), padded query t + n has keys t .. t + n - 1
+    # (context_index_bank) plus the long memory frame 0
+    n, t_len = 3, 6
+    padded = [max(0, i - n) for i in range(t_len + n)]
+    for t in range(1, t_len):
+        assert protocols.context_frames(t, n) == [0, *(padded[t + i] for i in range(n))]
+    assert protocols.context_frames(1, 3) == [0, 0, 0, 0]
+    assert protocols.context_frames(2, 3) == [0, 0, 0, 1]
+    assert protocols.context_frames(5, 3) == [0, 2, 3, 4]
+    assert protocols.context_frames(4, 0) == [0]
+
+
+def test_radius_mask_is_strict():
+    assert torch.equal(protocols.radius_mask(1, 3, 1), torch.eye(3, dtype=torch.bool))
+    near = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(protocols.radius_mask(1, 3, 2), near)  # distance 2 is not < 2
+    assert torch.equal(protocols.radius_mask(1, 3, 2.01), torch.ones(3, 3, dtype=torch.bool))
+
+
+_E1, _E2 = [1.0, 0.0], [0.0, 1.0]
+
+
+def _frames(*rows):
+    """(T, C=2, 1, w) features from per-frame lists of 2-d vectors."""
+    return torch.tensor(rows).permute(0, 2, 1)[:, :, None, :]
+
+
+def test_propagation_hand_computed_long_memory_and_strict_radius():
+    # frame 0: cells (e1 label 1, e2 label 0); frame 1 swaps them. radius 1 keeps only the same cell in the
+    # recent frames (two frame-0 copies, context 2); frame 0 as long memory is not masked. T = 1, top-2.
+    # cell 0 of frame 1 (e2): candidates long (0: sim 0, label 1), (1: sim 1, label 0), copies (0: sim 0, l 1)
+    # -> top-2 = sim 1 (label 0) + a sim 0 (label 1): p(label 0) = e / (e + 1). Masking frame 0 too would
+    # give label 1 only; radius <= 1 would add the copies' cell 1 (sim 1, label 0) -> p(label 0) = 1.
+    feats = _frames([_E1, _E2], [_E2, _E1])
+    soft = protocols.propagate_soft(
+        feats, np.array([[1, 0]]), 2, topk=2, context=2, radius=1, temperature=1.0
+    )
+    p = np.e / (np.e + 1)
+    np.testing.assert_allclose(soft[0, :, 0].numpy(), [[0, 1], [1, 0]], atol=1e-6)
+    np.testing.assert_allclose(soft[1, :, 0].numpy(), [[p, 1 - p], [1 - p, p]], rtol=1e-5)
+    pred = protocols.propagate_labels(feats, np.array([[1, 0]]), 2, (1, 2), topk=2, context=2, radius=1,
+                                      temperature=1.0)  # fmt: skip
+    np.testing.assert_array_equal(pred, [[[1, 0]], [[0, 1]]])
+
+
+def test_propagation_counts_the_frame0_padding_copies():
+    # frame 1 = frame 0. cell 0 (e1) at top-3: long (0: sim 1, l 1), (1: sim 0, l 0) and the two padded copies'
+    # cell 0 (sim 1, label 1) -> three sim-1 keys of label 1: p(label 1) = 1. Without the padding only two keys
+    # exist and p(label 1) = e / (e + 1).
+    feats = _frames([_E1, _E2], [_E1, _E2])
+    soft = protocols.propagate_soft(
+        feats, np.array([[1, 0]]), 2, topk=3, context=2, radius=1, temperature=1.0
+    )
+    np.testing.assert_allclose(soft[1, :, 0].numpy(), [[0, 1], [1, 0]], atol=1e-6)
+    no_pad = protocols.propagate_soft(feats, np.array([[1, 0]]), 2, topk=3, context=0, radius=1,
+                                      temperature=1.0)  # fmt: skip
+    p = np.e / (np.e + 1)
+    np.testing.assert_allclose(no_pad[1, :, 0].numpy(), [[1 - p, p], [p, 1 - p]], rtol=1e-5)
+
+
+def test_first_frame_labels_resized_bilinearly():
+    # 1x8 labels -> 1x2 grid: half-pixel centres sample x = 1.5 and 5.5, the mean of pixels (1, 2) and (5, 6)
+    # (cv2 INTER_LINEAR in videowalk); area averaging would give 0.25 for the first cell
+    labels = np.array([[0, 1, 0, 0, 0, 0, 1, 1]])
+    soft = protocols.propagate_soft(_frames([_E1, _E2]), labels, 2)
+    np.testing.assert_allclose(soft[0, 1, 0].numpy(), [0.5, 0.5], atol=1e-6)
+
+
+def test_label_propagation_radius_does_not_restrict_frame0():
+    # radius 0 masks every recent key; the long memory (frame 0) still finds the moving object anywhere
     feats, masks = _toy_video(stride=1)
-    pred = protocols.propagate_labels(feats, masks[0], 3, masks.shape[1:], radius=0, context=0)
-    assert not np.array_equal(pred[2], masks[2])
-    j, _ = protocols.davis_scores(list(pred), list(masks), [1, 2])
-    assert j[0] < 1.0 and j[1] == 1.0
+    pred = protocols.propagate_labels(feats, masks[0], 3, masks.shape[1:], radius=0, context=3)
+    np.testing.assert_array_equal(pred, masks)
+
+
+def test_davis_scores_exclude_void_pixels():
+    gt = np.zeros((10, 10), np.int64)
+    gt[2:6, 2:6] = 1
+    gt[2:6, 6:8] = 255  # void next to the object
+    pred = np.zeros((10, 10), np.int64)
+    pred[2:6, 2:8] = 1  # the object spills into the void only
+    j, f = protocols.davis_scores([gt, pred, gt], [gt, gt, gt], [1])
+    assert j == [1.0] and f == [1.0]
+    j, f = protocols.davis_scores([gt, pred, gt], [gt, gt, gt], [1], void_label=None)
+    assert j == [pytest.approx(16 / 24)] and f[0] < 1.0
+
+
+def test_davis_instances_palette_and_binary_masks():
+    lut, n, binary = protocols.davis_instances(np.array([[0, 2, 5], [255, 0, 2]], np.uint8))
+    assert (n, binary) == (2, False) and lut[2] == 1 and lut[5] == 2 and lut[255] == 255 and lut[0] == 0
+    lut, n, binary = protocols.davis_instances(np.array([[0, 255], [255, 0]], np.uint8))  # DAVIS-2016 style
+    assert (n, binary) == (1, True) and lut[255] == 1 and lut[0] == 0
+    assert protocols.davis_instances(np.zeros((2, 2), np.uint8))[1] == 0
 
 
 def test_davis_scores_needs_frames_to_score():

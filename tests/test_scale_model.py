@@ -37,6 +37,10 @@ def test_scale_model_keeps_the_paper_grid_and_changes_only_sizes_and_places(pape
     for name, t in cfg["targets"].items():
         assert t["protocol"] == paper["targets"][name]["protocol"] and t["synthetic"] is True
         assert t["root"].startswith(str(tmp_path / "res" / "synthetic"))
+    # MoCo's SGD linear recipe keeps its kind but runs two epochs with the lr step between them
+    lin = cfg["targets"]["imagenet_linear"]
+    assert lin["recipe"] == paper["targets"]["imagenet_linear"]["recipe"] == "moco_sgd"
+    assert lin["epochs"] == 2 and lin["milestones"] == [1]
     for name, ds in cfg["datasets"].items():
         assert ds["subset"]["rule"] == paper["datasets"][name]["subset"]["rule"] and ds["synthetic"] is True
     # variant overrides survive except crop sizes, which shrink with the backbone's input
