@@ -21,6 +21,7 @@ the inputs); the same frame is written as ``<figure>.csv`` next to the images.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -192,6 +193,23 @@ def _max_iou(config: Mapping, variant: str) -> float:
     return float(T.variant_settings(config, variant).get("crop.max_iou", 1.0) or 1.0)
 
 
+def _realised_iou(results: str | Path, dataset: str, variant: str) -> dict[str, float]:
+    """The run's realised key/query IoU (``crop_iou.json``, written by the trainer next to ``metrics.csv``).
+
+    The configured ceiling is what was asked for; Figs 2-3 mark what the sampler delivered (p99 and max, plus
+    the fallback count), so a ceiling that did not hold shows. NaN for runs of trainers that did not write it.
+    """
+    path = Path(T.metrics_path(results, dataset, variant)).parent / "crop_iou.json"
+    rec = json.loads(path.read_text()) if path.is_file() else {}
+    return {k: float(rec.get(k, np.nan)) for k in ("iou_p99", "iou_max", "fallbacks")}
+
+
+def _ceiling_label(max_iou: float, rec: Mapping[str, float]) -> str:
+    if np.isnan(rec.get("iou_max", np.nan)):
+        return _iou_label(max_iou)
+    return f"{_iou_label(max_iou)} (realised p99 {rec['iou_p99']:.3f}, max {rec['iou_max']:.3f})"
+
+
 def fig2_plan(config: Mapping, results: str | Path, rs: Mapping) -> list[Path]:
     exp = rs["fig2"]["experiment"]
     return [T.transfer_path(results, d, v, t) for d, v in T.experiment_pairs(config, exp)
@@ -208,13 +226,25 @@ def fig2(config: Mapping, results: str | Path, out_dir: str | Path, rs: Mapping)
     long = T.transfer_frame(inputs, pairs, targets, rs)
     inputs.check("fig2 (transfer vs IoU ceiling)")
     long["max_iou"] = [_max_iou(config, v) for v in long["variant"]]
-    data = long[["dataset", "variant", "max_iou", "target", "metric", "value"]].sort_values(
-        ["target", "dataset", "max_iou"], ignore_index=True)
+    realised = {(d, v): _realised_iou(results, d, v) for d, v in set(zip(long.dataset, long.variant, strict=True))}
+    for k in ("iou_p99", "iou_max", "fallbacks"):
+        long[f"realised_{k}"] = [realised[(d, v)][k] for d, v in zip(long.dataset, long.variant, strict=True)]
+    data = long[["dataset", "variant", "max_iou", "realised_iou_p99", "realised_iou_max", "realised_fallbacks",
+                 "target", "metric", "value"]].sort_values(["target", "dataset", "max_iou"], ignore_index=True)
     fig, axes = _grid(len(targets))
     for ax, t in zip(axes, targets, strict=True):
         sub = data[data.target == t]
         sns.lineplot(data=sub, x="max_iou", y="value", hue="dataset", marker="o", ax=ax)
-        ax.set(xlabel="IoU ceiling between the views (1 = none)", ylabel=f"{sub.metric.iloc[0]} (%)", title=t)
+        # the realised ceiling along the x axis: where each run's IoU actually ended (p99 |, max v)
+        marks = sub.drop_duplicates(["dataset", "variant"])
+        xa = ax.get_xaxis_transform()
+        ax.plot(marks.realised_iou_p99, np.full(len(marks), 0.03), "|", ms=9, color="0.3", transform=xa,
+                label="realised p99 IoU")
+        ax.plot(marks.realised_iou_max, np.full(len(marks), 0.03), "v", ms=6, mfc="none", color="0.3",
+                transform=xa, label="realised max IoU")
+        ax.legend(fontsize="small")
+        ax.set(xlabel="IoU ceiling between the views (configured, 1 = none; marks: realised)",
+               ylabel=f"{sub.metric.iloc[0]} (%)", title=t)
     paths = _save(fig, data, out_dir, "fig2")
     return FigureResult("fig2", paths, data)
 
@@ -237,16 +267,19 @@ def fig3(config: Mapping, results: str | Path, out_dir: str | Path, rs: Mapping)
         for col in (x, y):
             if col not in m:
                 raise ValueError(f"{path}: no column {col!r} (columns: {list(m.columns)}); set report.fig3.x / .y")
-        mi = _max_iou(config, v)
-        frames.append(pd.DataFrame({"dataset": d, "variant": v, "max_iou": mi, "ceiling": _iou_label(mi),
+        mi, rec = _max_iou(config, v), _realised_iou(results, d, v)
+        frames.append(pd.DataFrame({"dataset": d, "variant": v, "max_iou": mi, "ceiling": _ceiling_label(mi, rec),
+                                    "realised_iou_p99": rec["iou_p99"], "realised_iou_max": rec["iou_max"],
+                                    "realised_fallbacks": rec["fallbacks"],
                                     x: m[x].to_numpy(), y: m[y].to_numpy()}))  # fmt: skip
     inputs.check("fig3 (training curves per IoU ceiling)")
     data = pd.concat(frames, ignore_index=True)
     datasets = list(dict.fromkeys(data.dataset))
     fig, axes = _grid(len(datasets), size=(5.4, 3.8))
-    order = [_iou_label(m) for m in sorted(set(data.max_iou), reverse=True)]
     for ax, d in zip(axes, datasets, strict=True):
-        sns.lineplot(data=data[data.dataset == d], x=x, y=y, hue="ceiling", hue_order=order, ax=ax)
+        sub = data[data.dataset == d]
+        order = list(sub.sort_values("max_iou", ascending=False, kind="stable").ceiling.drop_duplicates())
+        sns.lineplot(data=sub, x=x, y=y, hue="ceiling", hue_order=order, ax=ax)
         ax.set(title=f"{d}: training {y} per IoU ceiling", xlabel=x, ylabel=y)
     paths = _save(fig, data, out_dir, "fig3")
     return FigureResult("fig3", paths, data)

@@ -61,7 +61,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from data_prep.shards import ShardError, ShardIntegrityError, rebuild_command
 from study.augment import batch_normalizer, view_pipelines
-from study.crops import CropSpec, crop_spec, sample_views
+from study.crops import CropSpec, box_iou, crop_spec, sample_views
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 DRAFT_FACTORS = (8, 4, 2, 1)  # the DCT scalings libjpeg offers through PIL's draft()
@@ -283,7 +283,10 @@ class ShardStream(IterableDataset):
                 stacklevel=2,
             )
             return None
-        return {"views": views, "label": -1 if label is None else int(label), "fallback": int(fell_back), "key": key}
+        # realised key/query IoU of the source regions (what the two views show; logged by the trainer)
+        iou = float(box_iou(boxes[0], boxes[1]))
+        return {"views": views, "label": -1 if label is None else int(label), "fallback": int(fell_back),
+                "iou": iou, "key": key}
 
     def _collate(self, samples: list[dict]) -> dict:
         views = []
@@ -294,6 +297,7 @@ class ShardStream(IterableDataset):
             "views": views,
             "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
             "fallbacks": torch.tensor([s["fallback"] for s in samples], dtype=torch.long),
+            "iou": torch.tensor([s["iou"] for s in samples], dtype=torch.float64),
             "key": [s["key"] for s in samples],
         }
 
@@ -443,7 +447,10 @@ def make_loader(
     interleave: int = 64,
     expected_counts: Mapping[str, int] | None = None,
 ) -> ShardLoader:
-    """Batches of ``{views: [Tensor(B,3,S_v,S_v)], label: LongTensor(B), fallbacks: LongTensor(B), key: [str]}``.
+    """Batches of ``{views: [Tensor(B,3,S_v,S_v)], label: LongTensor(B), fallbacks: LongTensor(B), iou, key}``.
+
+    ``iou``: float64 (B,), the key/query IoU of each sample's source regions (``crop.max_iou`` is checked on it
+    in the run's log); ``key``: the samples' ``__key__`` strings.
 
     ``crop_cfg``/``aug_cfg`` are the ``crop:``/``aug:`` config nodes (DictConfig or dict). Views 0 and 1 are
     ``crop.size`` square (0 is the key), views 2.. are ``crop.small_size``. Incomplete batches are dropped.

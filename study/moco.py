@@ -118,6 +118,17 @@ def mochi_negatives(
     return MochiNegatives(negatives, hard_idx, idx_i, idx_j, alpha, idx_jq, beta)
 
 
+def oracle_mask(q_labels: torch.Tensor, queue_labels: torch.Tensor) -> torch.Tensor:
+    """(N, K) bool, True where queue entry j holds the query's own class: the false negatives an oracle drops.
+
+    The MoCHi slides' oracle run drops same-class negatives using the labels. A label of -1 (unknown: an
+    unlabelled sample, or a queue slot not yet filled by a labelled key) never matches, so nothing is dropped
+    on a guess.
+    """
+    ql, kl = q_labels.long()[:, None], queue_labels.long().to(q_labels.device)[None, :]
+    return (ql == kl) & (ql >= 0) & (kl >= 0)
+
+
 def moco_logits(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -125,15 +136,25 @@ def moco_logits(
     T: float,
     mochi: tuple[int, int, int] | None = None,
     generator: torch.Generator | None = None,
+    drop: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits, all_logits)``: InfoNCE logits (N, 1 + K) and, with ``mochi=(n, s, s')``, the same rows
-    extended by each query's own synthetic negatives (N, 1 + K + s + s'); without MoCHi both are the same."""
+    extended by each query's own synthetic negatives (N, 1 + K + s + s'); without MoCHi both are the same.
+
+    ``drop`` (N, K) bool (``oracle_mask``): those queue logits are -inf in ``all_logits`` (the loss's input, so
+    they get zero probability and zero gradient) and are ranked last when MoCHi picks the hardest negatives;
+    ``logits`` stays unmasked for the statistics and the kNN loss.
+    """
     logits = infonce_logits(q, k, queue, T)
+    masked = logits
+    if drop is not None:
+        neg = logits[:, 1:].masked_fill(drop, float("-inf"))
+        masked = torch.cat([logits[:, :1], neg], dim=1)
     if mochi is None:
-        return logits, logits
-    mix = mochi_negatives(q, queue, *mochi, sim=logits[:, 1:].detach(), generator=generator)
+        return logits, masked
+    mix = mochi_negatives(q, queue, *mochi, sim=masked[:, 1:].detach(), generator=generator)
     syn = torch.einsum("nd,nsd->ns", q, mix.negatives) / T
-    return logits, torch.cat([logits, syn], dim=1)
+    return logits, torch.cat([masked, syn], dim=1)
 
 
 # ------------------------------------------------------------------------------------------- shuffle BN
@@ -239,6 +260,8 @@ class MoCo(nn.Module):
         self.mochi_s = int(cfg_get(mochi_cfg, "s", 1024))
         self.mochi_s_prime = int(cfg_get(mochi_cfg, "s_prime", 512))
         self.mochi_warmup = float(cfg_get(mochi_cfg, "warmup_epochs", 0))
+        # Oracle (MoCHi slides): drop same-class queue negatives, whether or not synthetic negatives are on.
+        self.mochi_oracle = bool(cfg_get(mochi_cfg, "oracle", False))
         if self.knn_enabled and not 1 <= self.knn_k <= self.K:
             raise MoCoConfigError(f"knn.k={self.knn_k} must be in [1, moco.K={self.K}]")
         if self.mochi_enabled and not 1 <= self.mochi_n <= self.K:
@@ -253,6 +276,8 @@ class MoCo(nn.Module):
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         if self.knn_enabled:  # Q_g only when used: 2048 x 65536 floats is 512 MiB
             self.register_buffer("queue_g", F.normalize(torch.randn(feat_dim, self.K), dim=0))
+        if self.mochi_oracle:  # class of each queue entry, aligned with `queue`; -1 = unknown (never dropped)
+            self.register_buffer("queue_labels", torch.full((self.K,), -1, dtype=torch.long))
         self.last_shuffle: torch.Tensor | None = None  # key permutation of the last step (for inspection)
 
     # ---------------------------------------------------------------- helpers
@@ -280,8 +305,13 @@ class MoCo(nn.Module):
             bk.copy_(bq)
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor, feats: torch.Tensor | None = None) -> None:
-        """Write the global batch of keys over the oldest entries; the pointer wraps modulo K."""
+    def enqueue(
+        self, keys: torch.Tensor, feats: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> None:
+        """Write the global batch of keys over the oldest entries; the pointer wraps modulo K.
+
+        With the oracle on, the keys' labels go to the same slots of ``queue_labels`` (-1 when not given).
+        """
         n = keys.shape[0]
         if self.K % n:
             raise MoCoConfigError(
@@ -292,6 +322,8 @@ class MoCo(nn.Module):
         self.queue[:, p : p + n] = keys.t().to(self.queue.dtype)
         if feats is not None and hasattr(self, "queue_g"):
             self.queue_g[:, p : p + n] = F.normalize(feats.float(), dim=1).t()
+        if hasattr(self, "queue_labels"):
+            self.queue_labels[p : p + n] = -1 if labels is None else labels.to(self.queue_labels)
         self.queue_ptr[0] = (p + n) % self.K
 
     def _encode_queries(self, views: list[torch.Tensor], groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,8 +382,13 @@ class MoCo(nn.Module):
         return g_all[rank * B : (rank + 1) * B], k_all[rank * B : (rank + 1) * B], g_all, k_all
 
     # ---------------------------------------------------------------- forward
-    def forward(self, views: list[torch.Tensor], epoch: float = 0.0) -> dict[str, torch.Tensor]:
+    def forward(
+        self, views: list[torch.Tensor], epoch: float = 0.0, labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """One MoCo step on ``views`` (0: key crop, 1: main query, 2+: small queries); see module docstring.
+
+        ``labels`` (B,) class indices (-1: unknown) are read only by the oracle (``mochi.oracle``), which needs
+        them: each query's same-class queue negatives are dropped and the keys' labels enqueued with the keys.
 
         In training mode it also updates the key encoder (before encoding keys) and enqueues the keys (after
         the losses are built, or before the kNN mining when ``knn.mine_before_enqueue`` is false).
@@ -375,6 +412,15 @@ class MoCo(nn.Module):
                 f"split-batch shuffle BN with moco.bn_splits={local_groups} needs a batch >= {2 * local_groups}"
                 f" (got {B}); lower bn_splits or set moco.shuffle_bn=none"
             )
+        if self.mochi_oracle:
+            if labels is None:
+                raise MoCoConfigError(
+                    "mochi.oracle=true drops same-class negatives and needs the batch's class labels: pass "
+                    "labels=batch['label'] (-1 for unknown) to MoCo.forward, or set mochi.oracle=false"
+                )
+            if labels.shape != (B,):
+                raise ValueError(f"labels must be (B,) = ({B},) class indices; got {tuple(labels.shape)}")
+            labels = labels.to(views[0].device).long()
         knn_on = self.knn_enabled and epoch >= self.knn_warmup
         mochi_on = self.mochi_enabled and epoch >= self.mochi_warmup
         n_q = len(views) - 1
@@ -394,7 +440,11 @@ class MoCo(nn.Module):
             queue = self.queue.clone()
             k_rep = k.float().repeat(n_q, 1)
             mochi = (self.mochi_n, self.mochi_s, self.mochi_s_prime) if mochi_on else None
-            logits, all_logits = moco_logits(q, k_rep, queue, self.T, mochi)
+            drop = labels_all = None
+            if self.mochi_oracle:  # queries are view-major (n_q copies of the batch); keys as k_all is ordered
+                drop = oracle_mask(labels.repeat(n_q), self.queue_labels.clone())
+                labels_all = _all_gather(labels) if mode == "ddp" else labels
+            logits, all_logits = moco_logits(q, k_rep, queue, self.T, mochi, drop=drop)
             target = torch.zeros(all_logits.shape[0], dtype=torch.long, device=dev)
             loss_inst = F.cross_entropy(all_logits, target)
 
@@ -407,13 +457,13 @@ class MoCo(nn.Module):
                     loss_nn = knn_loss(logits[:, 1:], idx)
                 else:  # public-code order (a bug): this step's keys are already in Q_g / Q_h when mining
                     if self.training:
-                        self.enqueue(k_all, g_k_all)
+                        self.enqueue(k_all, g_k_all, labels_all)
                         enqueued = True
                     idx = knn_neighbours(g_qd, self.queue_g, self.knn_k)
                     loss_nn = knn_loss((q @ self.queue.clone()) / self.T, idx)
             loss = loss_inst + self.knn_lam * loss_nn if knn_on else loss_inst
             if self.training and not enqueued:
-                self.enqueue(k_all, g_k_all)
+                self.enqueue(k_all, g_k_all, labels_all)
 
             pos = logits[:, 0].detach() * self.T
             neg = logits[:, 1:].detach() * self.T
@@ -436,6 +486,7 @@ __all__ = [
     "knn_loss",
     "knn_neighbours",
     "mochi_negatives",
+    "oracle_mask",
     "group_sizes",
     "query_groups",
     "moco_logits",

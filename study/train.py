@@ -32,6 +32,7 @@ Run integrity (issue 10; the pieces live in ``study.runconfig`` and ``study.runs
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
@@ -94,6 +96,10 @@ METRIC_FIELDS = [
     "lr",
     "img_per_s",
     "fallbacks",
+    "iou_p50",
+    "iou_p90",
+    "iou_p99",
+    "iou_max",
     "pos_logit",
     "neg_logit",
     "collapse",
@@ -166,19 +172,72 @@ class Window:
     imgs: int = 0
     fallbacks: int = 0
     sums: dict[str, float] = field(default_factory=dict)
+    ious: list[float] = field(default_factory=list)  # realised key/query IoU of this rank's samples
     t0: float = field(default_factory=time.perf_counter)
 
     def reset(self) -> None:
         self.n = self.imgs = self.fallbacks = 0
-        self.sums = {}
+        self.sums, self.ious = {}, []
         self.t0 = time.perf_counter()
 
+    def iou_row(self) -> dict[str, float]:
+        """p50/p90/p99/max of the window's key/query IoU: the ceiling as realised, next to ``fallbacks``."""
+        if not self.ious:
+            return {}
+        q = np.quantile(np.asarray(self.ious), [0.5, 0.9, 0.99, 1.0])
+        return {k: round(float(v), 5) for k, v in zip(("iou_p50", "iou_p90", "iou_p99", "iou_max"), q, strict=True)}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "imgs": self.imgs, "fallbacks": self.fallbacks, "sums": dict(self.sums)}
+        return {"n": self.n, "imgs": self.imgs, "fallbacks": self.fallbacks, "sums": dict(self.sums),
+                "ious": list(self.ious)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.n, self.imgs, self.fallbacks = int(state["n"]), int(state["imgs"]), int(state["fallbacks"])
         self.sums = {str(k): float(v) for k, v in state["sums"].items()}
+        self.ious = [float(v) for v in state.get("ious", [])]  # absent in checkpoints of older trainers
+
+
+IOU_BINS = 10_000
+CROP_IOU_FILE = "crop_iou.json"
+
+
+@dataclass
+class IouRecord:
+    """Realised key/query IoU over the whole run (this rank's samples): histogram, exact max, fallback count.
+
+    Written to ``crop_iou.json`` and the final checkpoint (``run_state.crop_iou``) so that Figs 2-3 can show
+    the ceiling as realised rather than as configured. A fixed 10^4-bin histogram keeps it small at any run
+    length and survives resume in ``last.pt``; its quantiles are bin upper edges (capped at the exact max),
+    so they err high by < 1e-4 and never hide a breach of the ceiling.
+    """
+
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(IOU_BINS, dtype=np.int64))
+    max: float = 0.0
+    fallbacks: int = 0
+
+    def add(self, iou: np.ndarray, fallbacks: int) -> None:
+        if iou.size:
+            self.counts += np.bincount(np.minimum((iou * IOU_BINS).astype(np.int64), IOU_BINS - 1),
+                                       minlength=IOU_BINS)
+            self.max = max(self.max, float(iou.max()))
+        self.fallbacks += int(fallbacks)
+
+    def summary(self, max_iou: float) -> dict[str, Any]:
+        n = int(self.counts.sum())
+        out: dict[str, Any] = {"max_iou": max_iou, "pairs": n, "fallbacks": self.fallbacks,
+                               "fallback_rate": self.fallbacks / n if n else 0.0, "iou_max": self.max}
+        cum = np.cumsum(self.counts)
+        for name, q in (("iou_p50", 0.5), ("iou_p90", 0.9), ("iou_p99", 0.99)):
+            k = int(np.searchsorted(cum, max(1, math.ceil(q * n)))) if n else 0
+            out[name] = min((k + 1) / IOU_BINS, self.max) if n else 0.0
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"counts": self.counts.tolist(), "max": self.max, "fallbacks": self.fallbacks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.counts = np.asarray(state["counts"], dtype=np.int64)
+        self.max, self.fallbacks = float(state["max"]), int(state["fallbacks"])
 
 
 def _pick_device(cfg: DictConfig, local_rank: int) -> torch.device:
@@ -395,8 +454,10 @@ def train(cfg: DictConfig) -> Path:
         raise TrainingDiverged(_diverged(f"weights/buffers became NaN/inf by step {total} ({', '.join(nonfinite[:3])})"
                                          f" and {final_path.name} was not written", cfg, last_path, last_good))
     if is_main:
-        atomic_save(_checkpoint(model, optimizer, total, total, steps_per_epoch, cfg, final=True, run=run),
-                    final_path)
+        crop_iou = out_dir / CROP_IOU_FILE  # realised IoU ceiling, written by _run_steps
+        atomic_save(_checkpoint(model, optimizer, total, total, steps_per_epoch, cfg, final=True, run=run,
+                                run_state={"crop_iou": json.loads(crop_iou.read_text())} if crop_iou.exists()
+                                else None), final_path)
         if last_path.exists():
             last_path.unlink()
         log.info("wrote %s", final_path)
@@ -432,7 +493,7 @@ def _run_steps(train_model: torch.nn.Module, model: torch.nn.Module, optimizer: 
 
     is_main = rank == 0
     stream = BatchStream(urls, cfg, start // steps_per_epoch, steps_per_epoch)
-    window = Window()
+    window, ious = Window(), IouRecord()
     g = cfg.guard
     guard = CollapseGuard(rows=int(g.collapse_rows), gap=float(g.collapse_gap), loss_rtol=float(g.collapse_loss_rtol),
                           min_step=math.ceil(int(cfg.moco.K) / (int(cfg.batch_size) * world)))
@@ -440,6 +501,8 @@ def _run_steps(train_model: torch.nn.Module, model: torch.nn.Module, optimizer: 
         run_state = resume.get("run_state") or {}
         if "window" in run_state:
             window.load_state_dict(run_state["window"])
+        if "crop_iou" in run_state:
+            ious.load_state_dict(run_state["crop_iou"])
         if "guard" in run_state:
             guard.load_state_dict(run_state["guard"])
         rngs = resume.get("rng") or []
@@ -469,7 +532,8 @@ def _run_steps(train_model: torch.nn.Module, model: torch.nn.Module, optimizer: 
         views = [v.to(device, non_blocking=True).contiguous(memory_format=mf) for v in batch["views"]]
         epoch = step / steps_per_epoch
         with autocast:
-            out = train_model(views, epoch=epoch)
+            # labels: read only by mochi.oracle (drops same-class negatives); -1 where a shard has no class
+            out = train_model(views, epoch=epoch, labels=batch["label"].to(device, non_blocking=True))
         loss = out["loss"]
         if not all_ranks(bool(torch.isfinite(loss.detach()).all()), world, device):
             where = " on this or another rank" if world > 1 else ""
@@ -482,6 +546,9 @@ def _run_steps(train_model: torch.nn.Module, model: torch.nn.Module, optimizer: 
         window.n += 1
         window.imgs += views[0].shape[0] * world
         window.fallbacks += int(batch["fallbacks"].sum())
+        if "iou" in batch:
+            window.ious += batch["iou"].tolist()
+            ious.add(batch["iou"].numpy(), int(batch["fallbacks"].sum()))
         for k in MONITORS:
             window.sums[k] = window.sums.get(k, 0.0) + float(out[k].detach())
         done = step + 1
@@ -490,7 +557,7 @@ def _run_steps(train_model: torch.nn.Module, model: torch.nn.Module, optimizer: 
             dt = max(1e-9, time.perf_counter() - window.t0)
             row: dict[str, Any] = {k: v / window.n for k, v in window.sums.items()}
             row.update(step=done, epoch=round(done / steps_per_epoch, 4), lr=lr,
-                       img_per_s=round(window.imgs / dt, 2), fallbacks=window.fallbacks)
+                       img_per_s=round(window.imgs / dt, 2), fallbacks=window.fallbacks, **window.iou_row())
             chance = chance_loss(_negatives(cfg, epoch))
             collapsed = guard.update(done, row["loss_inst"], row["pos_logit"], row["neg_logit"], chance)
             row["collapse"] = int(collapsed)
@@ -524,10 +591,17 @@ def _run_steps(train_model: torch.nn.Module, model: torch.nn.Module, optimizer: 
                     f" and {last_path.name} was not overwritten", cfg, last_path, last_good))
             if is_main:
                 state = _checkpoint(model, optimizer, done, total, steps_per_epoch, cfg, final=False, run=run,
-                                    rng=rngs, run_state={"window": window.state_dict(), "guard": guard.state_dict()})
+                                    rng=rngs, run_state={"window": window.state_dict(), "guard": guard.state_dict(),
+                                                         "crop_iou": ious.state_dict()})
                 atomic_save(state, last_path)
             last_good = done
     bar.close()
+    if is_main:
+        record = ious.summary(float(cfg.crop.max_iou))
+        (Path(cfg.out_dir) / CROP_IOU_FILE).write_text(json.dumps(record, indent=1) + "\n")
+        log.info("crop IoU (key/query, %d pairs): p50 %.4f p90 %.4f p99 %.4f max %.4f, %d fallbacks (ceiling %g)",
+                 record["pairs"], record["iou_p50"], record["iou_p90"], record["iou_p99"], record["iou_max"],
+                 record["fallbacks"], record["max_iou"])
     return last_good
 
 

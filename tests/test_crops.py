@@ -15,9 +15,11 @@ from study.crops import (
     box_contains,
     box_intersection,
     box_iou,
+    conditional_pair,
     crop_spec,
     flip_boxes,
     multi_crop_boxes,
+    place_below_ceiling,
     sample_pairs,
     sample_rrc_boxes,
     sample_views,
@@ -115,6 +117,42 @@ def test_two_view_boxes_ceiling_strict_and_fallback():
     assert all(fbs)
     # the fallback is the lowest-IoU pair among the tries, so it is no worse than a fresh unconstrained pair
     assert not any(two_view_boxes(64, 64, {"max_iou": 1.0}, rng)[1] for _ in range(20))
+
+
+@pytest.mark.parametrize("hw", [(480, 640), (72, 96), (64, 64)])  # ImageNet-like, demo COCO, demo ImageNet
+@pytest.mark.parametrize("max_iou", [0.1, 0.05])
+def test_low_ceiling_holds(hw, max_iou):
+    """Issue 12: <= 0.1 % of pairs may break the ceiling (100 rejection tries left 11 % at 0.1 on 640x480)."""
+    H, W = hw
+    rng = np.random.default_rng(10)
+    pairs, fb = sample_pairs(H, W, 4000, SCALE, RATIO, rng, max_iou=max_iou, max_tries=100)
+    iou = box_iou(pairs[:, 0], pairs[:, 1])
+    assert fb.mean() <= 0.001 and (iou[~fb] < max_iou).all()
+    # the per-sample path the loader uses
+    got = [two_view_boxes(H, W, {"max_iou": max_iou, "max_tries": 100}, rng) for _ in range(300)]
+    assert sum(f for _, f in got) <= 0.001 * len(got)
+    for boxes, _ in got[:5]:  # independent check: IoU from pixel masks
+        assert mask_iou(boxes[0], boxes[1], H, W) < max_iou
+    areas = np.array([b[:, 2] * b[:, 3] for b, _ in got]) / (H * W)
+    assert 0.2 * 0.9 <= areas.min() and areas.max() <= 1.0  # still RRC-sized boxes
+
+
+def test_conditional_placement_is_uniform_over_valid_positions():
+    H, W, t = 30, 40, 0.1
+    first = np.array([5, 8, 14, 18])
+    h, w = 12, 15
+    valid = {(i, j) for i in range(H - h + 1) for j in range(W - w + 1)
+             if mask_iou(first, [i, j, h, w], H, W) < t}  # fmt: skip
+    rng = np.random.default_rng(11)
+    draws = [tuple(place_below_ceiling(H, W, first, h, w, t, rng)[:2]) for _ in range(20 * len(valid))]
+    assert set(draws) <= valid and len(set(draws)) > 0.99 * len(valid)
+    counts = np.array([draws.count(v) for v in sorted(valid)])
+    assert counts.max() < 3 * 20  # no position favoured (expected 20 each)
+    # no valid position: a box that covers the image overlaps any same-size first box fully
+    assert place_below_ceiling(H, W, np.array([0, 0, H, W]), H, W, 0.5, rng) is None
+    for _ in range(20):
+        pair = conditional_pair(H, W, SCALE, RATIO, 0.05, rng)
+        assert pair is not None and mask_iou(pair[0], pair[1], H, W) < 0.05
 
 
 @pytest.mark.parametrize("constraint", ["inside", "overlap", "none"])

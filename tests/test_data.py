@@ -46,12 +46,13 @@ CROP = {"size": 32, "n_small": 2, "small_size": 16, "constraint": "inside", "max
 
 
 def _check_batch(batch, labels, bs, sizes):
-    assert set(batch) == {"views", "label", "fallbacks", "key"}
+    assert set(batch) == {"views", "label", "fallbacks", "iou", "key"}
     assert [tuple(v.shape) for v in batch["views"]] == [(bs, 3, s, s) for s in sizes]
     assert all(v.dtype == torch.float32 for v in batch["views"])
     assert batch["label"].dtype == torch.long and batch["fallbacks"].dtype == torch.long
     assert batch["label"].tolist() == [labels[k] for k in batch["key"]]
     assert batch["fallbacks"].shape == (bs,)
+    assert batch["iou"].shape == (bs,) and ((batch["iou"] >= 0) & (batch["iou"] <= 1)).all()
 
 
 def test_batches_main_process(shards):
@@ -93,6 +94,10 @@ def test_fallbacks_reported(shards):
     crop = {"size": 16, "scale": [0.9, 1.0], "max_iou": 0.01, "max_tries": 3}
     batch = next(iter(make_loader(urls, crop, {}, batch_size=4, num_workers=0, seed=0, epoch_len=None)))
     assert batch["fallbacks"].tolist() == [1, 1, 1, 1]
+    assert (batch["iou"] >= 0.01).all()  # the realised IoU shows the broken ceiling
+    crop = {"size": 16, "max_iou": 0.1, "max_tries": 3}  # attainable: the ceiling holds however few tries
+    batch = next(iter(make_loader(urls, crop, {}, batch_size=4, num_workers=0, seed=0, epoch_len=None)))
+    assert batch["fallbacks"].sum() == 0 and (batch["iou"] < 0.1).all()
 
 
 def test_two_workers_read_disjoint_shards(shards):
