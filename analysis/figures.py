@@ -243,7 +243,7 @@ def fig2(config: Mapping, results: str | Path, out_dir: str | Path, rs: Mapping)
         ax.plot(marks.realised_iou_max, np.full(len(marks), 0.03), "v", ms=6, mfc="none", color="0.3",
                 transform=xa, label="realised max IoU")
         ax.legend(fontsize="small")
-        ax.set(xlabel="IoU ceiling between the views (configured, 1 = none; marks: realised)",
+        ax.set(xlabel="IoU ceiling (1 = none; marks: realised)",
                ylabel=f"{sub.metric.iloc[0]} (%)", title=t)
     paths = _save(fig, data, out_dir, "fig2")
     return FigureResult("fig2", paths, data)
