@@ -50,6 +50,7 @@ FIGURE_FILES = {
     "fig5": "fig5_time_vs_transfer",
     "fig6": "fig6_cams",
     "mochi": "mochi_embedding",
+    "mechanism_k": "mechanism_k",
 }
 IMAGE_FORMATS = ("png", "pdf")
 
@@ -620,6 +621,17 @@ def _has_targets(key: str) -> Callable[[Mapping, Mapping], bool]:
     return ok
 
 
+def _mech_k(name: str) -> Callable[..., Any]:
+    """A function of analysis.mechanism_k, imported at the first call (it imports this module's helpers)."""
+
+    def call(*args: Any) -> Any:
+        from analysis import mechanism_k
+
+        return getattr(mechanism_k, name)(*args)
+
+    return call
+
+
 def _fig6_enabled(c: Mapping, rs: Mapping) -> bool:
     return _cam_target(c, rs) is not None and None not in _fig6_variants(c, rs)
 
@@ -635,6 +647,8 @@ FIGURES: dict[str, FigureSpec] = {
     "fig6": FigureSpec(fig6, fig6_plan, _fig6_enabled, T.SEC4, "Fig. 6: CAMs two-crop vs multi-crop"),
     "mochi": FigureSpec(fig_mochi, mochi_plan, lambda c, rs: T.has_experiment(c, rs["embedding_stats"]["experiment"]),
                         T.MOCHI, "MoCHi: alignment, uniformity, false negatives"),
+    "mechanism_k": FigureSpec(_mech_k("figure"), _mech_k("plan"), _mech_k("enabled"), "MoCo mechanism",
+                              "MoCo Fig. 3: accuracy vs K per mechanism"),
 }  # fmt: skip
 
 

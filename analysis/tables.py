@@ -631,6 +631,17 @@ def _sec4(name: str) -> Callable[..., Any]:
     return call
 
 
+def _mech_k(name: str) -> Callable[..., Any]:
+    """A function of analysis.mechanism_k, imported at the first call (it imports this module's helpers)."""
+
+    def call(*args: Any) -> Any:
+        from analysis import mechanism_k
+
+        return getattr(mechanism_k, name)(*args)
+
+    return call
+
+
 SEC3, SEC4, MOCHI = "Sec. 3: dataset biases", "Sec. 4: learning invariances", "MoCHi: hard negative mixing"
 TABLES: dict[str, TableSpec] = {
     "table1": TableSpec(table1, table1_plan, lambda c, rs: bool(_table1_datasets(c, rs)), SEC3,
@@ -650,6 +661,8 @@ TABLES: dict[str, TableSpec] = {
     "mochi": TableSpec(table_mochi, mochi_plan, _exp_enabled("mochi"), MOCHI, "MoCHi (N, s, s')"),
     "mechanism": TableSpec(table_mechanism, _experiment_plan("mechanism"), _exp_enabled("mechanism"),
                            "MoCo mechanism", "MoCo v1 vs v2"),
+    "mechanism_k": TableSpec(_mech_k("table"), _mech_k("plan"), _mech_k("enabled"), "MoCo mechanism",
+                             "MoCo Fig 3: mechanisms vs K"),
 }  # fmt: skip
 
 

@@ -170,6 +170,7 @@ def _shard_samples(shard: dict) -> Iterator[dict]:
     number of samples is an error (a corrupt header ends a tar silently); a reader error (truncated file) is
     re-raised naming the shard."""
     url, expected = shard["url"], shard.get("count")
+    offset = shard.get("offset")  # position of the shard's first sample in the manifest order (None: unknown)
     it = wds.tarfile_to_samples()(iter([{"url": url}]))
     n = 0
     try:
@@ -187,6 +188,7 @@ def _shard_samples(shard: dict) -> Iterator[dict]:
                     f"shard {url} is unreadable after {n} samples ({type(err).__name__}: {why}); it is truncated "
                     f"or corrupt: {_rebuild(url)}"
                 ) from None
+            sample["__index__"] = -1 if offset is None else offset + n
             n += 1
             yield sample
     finally:
@@ -246,6 +248,12 @@ class ShardStream(IterableDataset):
             raise ValueError(f"interleave must be >= 1 (shards read at once per reader), got {interleave}")
         self.urls = list(urls)
         self.counts = _counts_for(self.urls, expected_counts)
+        # Stable sample index = position in the manifest order (shards in ``urls`` order, members in tar order);
+        # the memory bank (study/mechanisms.py, Wu et al. 2018) keys its entries by it. -1 without counts.
+        self.offsets: dict[str, int] = {}
+        if len(self.counts) == len(self.urls):
+            self.offsets = dict(zip(self.urls, itertools.accumulate((self.counts[u] for u in self.urls),
+                                                                    initial=0), strict=False))
         self.spec: CropSpec = crop_spec(crop_cfg)
         self.sizes = self.spec.sizes
         self.pipelines = view_pipelines(aug_cfg, self.sizes, flip=False, to_float=False)
@@ -286,7 +294,7 @@ class ShardStream(IterableDataset):
         # realised key/query IoU of the source regions (what the two views show; logged by the trainer)
         iou = float(box_iou(boxes[0], boxes[1]))
         return {"views": views, "label": -1 if label is None else int(label), "fallback": int(fell_back),
-                "iou": iou, "key": key}
+                "iou": iou, "key": key, "index": int(sample.get("__index__", -1))}
 
     def _collate(self, samples: list[dict]) -> dict:
         views = []
@@ -299,6 +307,7 @@ class ShardStream(IterableDataset):
             "fallbacks": torch.tensor([s["fallback"] for s in samples], dtype=torch.long),
             "iou": torch.tensor([s["iou"] for s in samples], dtype=torch.float64),
             "key": [s["key"] for s in samples],
+            "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
         }
 
     # -- stream -----------------------------------------------------------------------------------------
@@ -306,7 +315,8 @@ class ShardStream(IterableDataset):
         rank, world, worker, n_workers = wds.utils.pytorch_worker_info()
         readers = world * n_workers
         order = np.random.default_rng(_seed_words(self.seed, epoch, p)).permutation(len(self.urls))
-        shards = [{"url": self.urls[i], "count": self.counts.get(self.urls[i])} for i in order]
+        shards = [{"url": self.urls[i], "count": self.counts.get(self.urls[i]), "offset": self.offsets.get(self.urls[i])}
+                  for i in order]
         if len(shards) >= readers:
             mine = list(wds.split_by_worker(wds.split_by_node(shards)))
             slot = None
@@ -447,7 +457,7 @@ def make_loader(
     interleave: int = 64,
     expected_counts: Mapping[str, int] | None = None,
 ) -> ShardLoader:
-    """Batches of ``{views: [Tensor(B,3,S_v,S_v)], label: LongTensor(B), fallbacks: LongTensor(B), iou, key}``.
+    """Batches of ``{views: [Tensor(B,3,S_v,S_v)], label: LongTensor(B), fallbacks: LongTensor(B), iou, key, index}``; ``index``: LongTensor(B), each sample's position in the manifest order (-1 without counts).
 
     ``iou``: float64 (B,), the key/query IoU of each sample's source regions (``crop.max_iou`` is checked on it
     in the run's log); ``key``: the samples' ``__key__`` strings.

@@ -383,12 +383,14 @@ class MoCo(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(
-        self, views: list[torch.Tensor], epoch: float = 0.0, labels: torch.Tensor | None = None
+        self, views: list[torch.Tensor], epoch: float = 0.0, labels: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One MoCo step on ``views`` (0: key crop, 1: main query, 2+: small queries); see module docstring.
 
         ``labels`` (B,) class indices (-1: unknown) are read only by the oracle (``mochi.oracle``), which needs
         them: each query's same-class queue negatives are dropped and the keys' labels enqueued with the keys.
+        ``index`` (the samples' dataset positions) is accepted for the trainer and read only by the memory bank.
 
         In training mode it also updates the key encoder (before encoding keys) and enqueues the keys (after
         the losses are built, or before the kNN mining when ``knn.mine_before_enqueue`` is false).

@@ -152,6 +152,10 @@ RULES: tuple[Rule, ...] = (
     Rule("optim.weight_decay", "float", lo=0),
     Rule("optim.schedule", "choice", choices=("cosine", "step")),
     Rule("optim.warmup_steps", "int", lo=0),
+    Rule("optim.lr_scale_batch", "int", lo=1, nullable=True, hint="linear lr scaling: lr * global batch / this"),
+    Rule("mechanism", "choice", choices=("queue", "end_to_end", "memory_bank")),
+    Rule("bank.momentum", "float", lo=0, hi=1, open_hi=True, hint="memory bank update v <- m v + (1 - m) f"),
+    Rule("bank.allow_self", "bool"),
     Rule("model.arch", "choice", choices=("resnet18", "resnet34", "resnet50")),
     Rule("model.small_input", "bool"),
     Rule("moco.K", "int", lo=1, hint="queue length"),
@@ -234,7 +238,8 @@ def _cross_checks(c: Mapping[str, Any], world: int) -> list[str]:
         errs.append("data.shards is missing: pass data.shards=<folder with manifest.json and the .tar shards>")
     K, B = int(_get(c, "moco.K", 1)), int(_get(c, "batch_size", 1))
     gb = B * world
-    if training and K % gb:
+    mechanism = _get(c, "mechanism", "queue")
+    if training and mechanism == "queue" and K % gb:
         errs.append(f"moco.K={K}: must be a multiple of the global batch {gb} (batch_size={B} x {world} "
                     f"process(es)), since MoCo enqueues whole batches; use moco.K={_nearest_multiples(K, gb)}")
     if _get(c, "knn.enabled", False) and int(_get(c, "knn.k", 1)) > K:
@@ -248,7 +253,7 @@ def _cross_checks(c: Mapping[str, Any], world: int) -> list[str]:
             errs.append(f"mochi.n={n}: must be >= 2 when mochi.s={s} > 0 (two distinct negatives are mixed)")
     shuffle = _get(c, "moco.shuffle_bn", "auto")
     splits = int(_get(c, "moco.bn_splits", 2))
-    if training and world == 1 and shuffle in ("auto", "split", True) and splits > 1 and B < 2 * splits:
+    if training and mechanism != "memory_bank" and world == 1 and shuffle in ("auto", "split", True) and splits > 1 and B < 2 * splits:
         errs.append(f"batch_size={B}: split-batch shuffle BN with moco.bn_splits={splits} needs batch_size >= "
                     f"{2 * splits}; raise batch_size, lower moco.bn_splits or set moco.shuffle_bn=none")
     if _get(c, "optim.schedule", "cosine") == "step":

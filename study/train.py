@@ -128,9 +128,16 @@ def read_manifest(shard_dir: str | Path) -> tuple[list[str], int, list[str], str
     return [str(t) for t in tars], count, list(meta.get("classes", [])), data_identity(meta)
 
 
-def lr_at(step: int, total_steps: int, steps_per_epoch: int, optim: Any) -> float:
-    """Learning rate at a step: cosine (no warm-up, the paper's setting) or MoCo's step decay."""
+def lr_at(step: int, total_steps: int, steps_per_epoch: int, optim: Any, global_batch: int | None = None) -> float:
+    """Learning rate at a step: cosine (no warm-up, the paper's setting) or MoCo's step decay.
+
+    ``optim.lr_scale_batch`` (absent or null: off) applies the linear scaling rule MoCo uses for its end-to-end
+    runs with large batches (He et al. 2020, Sec 4.1; Goyal et al. 2017): lr * global_batch / lr_scale_batch.
+    """
     base = float(optim.lr)
+    ref = optim.get("lr_scale_batch") if hasattr(optim, "get") else None
+    if ref and global_batch:
+        base *= global_batch / float(ref)
     warm = int(optim.get("warmup_steps", 0) or 0)
     if warm and step < warm:
         return base * (step + 1) / warm
@@ -372,7 +379,7 @@ def _warn_changes(state: dict[str, Any], run: RunId, steps_per_epoch: int) -> No
 
 def train(cfg: DictConfig) -> Path:
     """Train (or resume) one model; returns the final checkpoint path."""
-    from study.moco import MoCo
+    from study.mechanisms import build_model
 
     rank, world, local_rank = _init_distributed()
     validate_config(cfg, world=world)
@@ -400,7 +407,7 @@ def train(cfg: DictConfig) -> Path:
                               f"{cfg.data.shards}; lower batch_size.")
         steps_per_epoch = count // global_batch
     else:
-        urls, steps_per_epoch = [], 1
+        urls, steps_per_epoch, count = [], 1, 0
     total = int(cfg.epochs) * steps_per_epoch if training else 0
     if cfg.max_steps is not None:
         total = min(total, int(cfg.max_steps))
@@ -410,7 +417,7 @@ def train(cfg: DictConfig) -> Path:
     resume_from = last_path if last_path.exists() else (final_path if final_path.exists() else None)
     resume = load_resume_state(resume_from, config, data_id) if resume_from is not None else None
 
-    model = MoCo(cfg.model, cfg.moco, cfg.knn, cfg.mochi).to(device)
+    model = build_model(cfg, n_samples=count if training else 0).to(device)
     use_cl = cfg.channels_last is True or (cfg.channels_last == "auto" and device.type == "cuda")
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
@@ -475,8 +482,11 @@ def _diverged(what: str, cfg: DictConfig, last_path: Path, last_good: int | None
             f"(see {Path(cfg.out_dir) / 'metrics.csv'}).{retry}")
 
 
-def _negatives(cfg: DictConfig, epoch: float) -> int:
-    """Negatives per query of the InfoNCE term: the queue plus MoCHi's synthetic ones once MoCHi is on."""
+def _negatives(cfg: DictConfig, epoch: float, world: int = 1) -> int:
+    """Negatives per query of the InfoNCE term: the queue (or bank draw) plus MoCHi's synthetic ones once MoCHi
+    is on; end-to-end: the other samples of the global batch."""
+    if cfg.get("mechanism", "queue") == "end_to_end":
+        return int(cfg.batch_size) * world - 1
     n = int(cfg.moco.K)
     if cfg.mochi.get("enabled", False) and epoch >= float(cfg.mochi.get("warmup_epochs", 0) or 0):
         n += int(cfg.mochi.s) + int(cfg.mochi.s_prime)
@@ -496,7 +506,8 @@ def _run_steps(train_model: torch.nn.Module, model: torch.nn.Module, optimizer: 
     window, ious = Window(), IouRecord()
     g = cfg.guard
     guard = CollapseGuard(rows=int(g.collapse_rows), gap=float(g.collapse_gap), loss_rtol=float(g.collapse_loss_rtol),
-                          min_step=math.ceil(int(cfg.moco.K) / (int(cfg.batch_size) * world)))
+                          min_step=math.ceil(int(cfg.moco.K) / (int(cfg.batch_size) * world))
+                          if cfg.get("mechanism", "queue") == "queue" else 1)
     if resume is not None:
         run_state = resume.get("run_state") or {}
         if "window" in run_state:
@@ -526,14 +537,16 @@ def _run_steps(train_model: torch.nn.Module, model: torch.nn.Module, optimizer: 
     train_model.train()
     for step in range(start, total):
         batch = next(stream)
-        lr = lr_at(step, total, steps_per_epoch, cfg.optim)
+        lr = lr_at(step, total, steps_per_epoch, cfg.optim, int(cfg.batch_size) * world)
         for group in optimizer.param_groups:
             group["lr"] = lr
         views = [v.to(device, non_blocking=True).contiguous(memory_format=mf) for v in batch["views"]]
         epoch = step / steps_per_epoch
         with autocast:
             # labels: read only by mochi.oracle (drops same-class negatives); -1 where a shard has no class
-            out = train_model(views, epoch=epoch, labels=batch["label"].to(device, non_blocking=True))
+            # index: the samples' manifest positions, read only by the memory bank
+            out = train_model(views, epoch=epoch, labels=batch["label"].to(device, non_blocking=True),
+                              index=batch["index"].to(device, non_blocking=True))
         loss = out["loss"]
         if not all_ranks(bool(torch.isfinite(loss.detach()).all()), world, device):
             where = " on this or another rank" if world > 1 else ""
@@ -558,7 +571,7 @@ def _run_steps(train_model: torch.nn.Module, model: torch.nn.Module, optimizer: 
             row: dict[str, Any] = {k: v / window.n for k, v in window.sums.items()}
             row.update(step=done, epoch=round(done / steps_per_epoch, 4), lr=lr,
                        img_per_s=round(window.imgs / dt, 2), fallbacks=window.fallbacks, **window.iou_row())
-            chance = chance_loss(_negatives(cfg, epoch))
+            chance = chance_loss(_negatives(cfg, epoch, world))
             collapsed = guard.update(done, row["loss_inst"], row["pos_logit"], row["neg_logit"], chance)
             row["collapse"] = int(collapsed)
             if is_main:
@@ -570,7 +583,7 @@ def _run_steps(train_model: torch.nn.Module, model: torch.nn.Module, optimizer: 
             window.reset()
             if collapsed:
                 what = (f"training collapsed: since step {guard.since} loss_inst is within "
-                        f"{guard.loss_rtol:.0%} of ln(1 + {_negatives(cfg, epoch)} negatives) = {chance:.4f} (uniform "
+                        f"{guard.loss_rtol:.0%} of ln(1 + {_negatives(cfg, epoch, world)} negatives) = {chance:.4f} (uniform "
                         f"logits) and |pos_logit - neg_logit| < {guard.gap:g} for {guard.streak} logged rows up to "
                         f"step {done}: every image gets nearly the same embedding")
                 if not guard.warned and is_main:

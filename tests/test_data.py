@@ -46,7 +46,7 @@ CROP = {"size": 32, "n_small": 2, "small_size": 16, "constraint": "inside", "max
 
 
 def _check_batch(batch, labels, bs, sizes):
-    assert set(batch) == {"views", "label", "fallbacks", "iou", "key"}
+    assert set(batch) == {"views", "label", "fallbacks", "iou", "key", "index"}
     assert [tuple(v.shape) for v in batch["views"]] == [(bs, 3, s, s) for s in sizes]
     assert all(v.dtype == torch.float32 for v in batch["views"])
     assert batch["label"].dtype == torch.long and batch["fallbacks"].dtype == torch.long
