@@ -114,13 +114,16 @@ def scaled_crop(size: int) -> int:
     return max(16, 8 * round(size * CROP_SCALE / 8))
 
 
-def _scale_variant(overrides: Sequence[str]) -> list[str]:
-    crops = {}
+def _scale_variant(overrides: Sequence[str], batch_factor: float) -> list[str]:
+    """A variant's own crop sizes and batch sizes (e.g. end-to-end's batch sweep) at the scale model's size."""
+    scaled = {}
     for o in overrides:
-        k = _key(o)
-        if k in CROP_KEYS and re.fullmatch(r"\d+", o.split("=", 1)[1]):
-            crops[k] = scaled_crop(int(o.split("=", 1)[1]))
-    return rewrite_overrides(overrides, crops) if crops else list(overrides)
+        k, value = _key(o), o.split("=", 1)[-1]
+        if k in CROP_KEYS and re.fullmatch(r"\d+", value):
+            scaled[k] = scaled_crop(int(value))
+        elif k == "batch_size" and re.fullmatch(r"\d+", value):
+            scaled[k] = max(2, round(int(value) * batch_factor))
+    return rewrite_overrides(overrides, scaled) if scaled else list(overrides)
 
 
 def _map_tree(obj: Any, fn: Callable[[str], str]) -> Any:
@@ -158,10 +161,12 @@ def derive(paper: Mapping[str, Any], results: str | Path) -> dict[str, Any]:
         t.pop("splits", None)  # each synthetic set has its format's default split names
     cfg["shards"].update(SHARDS)
     pre = cfg["pretrain"]
+    paper_batch = next((int(o.split("=", 1)[1]) for o in pre["overrides"] if _key(o) == "batch_size"), None)
+    batch_factor = PRETRAIN["batch_size"] / paper_batch if paper_batch else 1.0
     pre["overrides"] = rewrite_overrides(pre["overrides"], PRETRAIN)
     pre["resources"] = dict(RESOURCES)
     pre.pop("launcher", None)
-    cfg["variants"] = {v: _scale_variant(o) for v, o in cfg["variants"].items()}
+    cfg["variants"] = {v: _scale_variant(o, batch_factor) for v, o in cfg["variants"].items()}
     cfg.setdefault("transfer", {})["resources"] = dict(RESOURCES)
     report = cfg.setdefault("report", {})
     report["fig1"] = {**(report.get("fig1") or {}), **FIG1}

@@ -46,6 +46,8 @@ def test_scale_model_keeps_the_paper_grid_and_changes_only_sizes_and_places(pape
     # variant overrides survive except crop sizes, which shrink with the backbone's input
     assert cfg["variants"]["mc"] == ["method=moco_v2", "epochs=200", "crop.n_small=4", "crop.size=24"]
     assert cfg["variants"]["knn_k20_warmup"][-2:] == ["knn.k=20", "knn.warmup_epochs=5"]
+    # a variant's own batch (end-to-end's batch sweep) shrinks with the global one (64 -> 16 per process)
+    assert "batch_size=64" in cfg["variants"]["mk_e2e_b1024"] and "batch_size=16" in cfg["variants"]["mk_e2e_b256"]
     pre = cfg["pretrain"]["overrides"]
     assert "model=resnet18" in pre and "moco.K=256" in pre and "model=resnet50" not in pre
     assert len({o.split("=")[0] for o in pre}) == len(pre)  # Hydra rejects a key given twice

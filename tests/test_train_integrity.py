@@ -360,7 +360,7 @@ def test_collapse_guard_needs_a_streak_after_the_queue_has_filled():
     (["moco.K=60"], "moco.K=60: must be a multiple of the global batch 8"),
     (["method=mochi"], "mochi.n=128: must be <= moco.K=64"),
     (["crop.max_iuo=0.3"], "unknown config key 'crop.max_iuo' in override 'crop.max_iuo=0.3': did you mean crop.max_iou"),
-    (["method=mocov2"], "method=mocov2: no such method config; choose one of knn_moco, mochi, moco_v1, moco_v2"),
+    (["method=mocov2"], "method=mocov2: no such method config; choose one of end_to_end, knn_moco, memory_bank, mochi, moco_v1, moco_v2"),
 ])  # fmt: skip
 def test_bad_values_fail_before_any_work_with_one_line(tmp_path, capsys, shard_dir, overrides, expected):  # noqa: F811
     out = tmp_path / "run"
