@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from study.moco import (
-    SHUFFLE_MODES,
     MoCo,
     MoCoConfigError,
     _all_gather,
@@ -44,6 +43,7 @@ from study.moco import (
     group_sizes,
     infonce_logits,
     invert_perm,
+    shuffle_bn_settings,
     split_shuffle_perm,
 )
 from study.models import Encoder, build_encoder, cfg_get
@@ -128,12 +128,7 @@ class EndToEnd(_QueryEncoding):
     def __init__(self, model_cfg: Any = None, moco_cfg: Any = None):
         super().__init__()
         self.T = float(cfg_get(moco_cfg, "T", 0.2))
-        shuffle = cfg_get(moco_cfg, "shuffle_bn", "auto")
-        shuffle = {True: "auto", False: "none"}.get(shuffle, shuffle)
-        if shuffle not in SHUFFLE_MODES:
-            raise MoCoConfigError(f"moco.shuffle_bn={shuffle!r}; choose one of {SHUFFLE_MODES}")
-        self.shuffle_bn = str(shuffle)
-        self.bn_splits = int(cfg_get(moco_cfg, "bn_splits", 2))
+        self.shuffle_bn, self.bn_splits = shuffle_bn_settings(moco_cfg)
         self.encoder_q: Encoder = build_encoder(model_cfg, moco_cfg)
         self.last_shuffle: torch.Tensor | None = None
 

@@ -37,6 +37,18 @@ class MoCoConfigError(ValueError):
     """A MoCo / kNN / MoCHi setting cannot work with the given batch or queue."""
 
 
+def shuffle_bn_settings(moco_cfg: Any) -> tuple[str, int]:
+    """(``moco.shuffle_bn`` mode, ``moco.bn_splits``), validated; shared by every mechanism that shuffles BN."""
+    shuffle = cfg_get(moco_cfg, "shuffle_bn", "auto")
+    shuffle = {True: "auto", False: "none"}.get(shuffle, shuffle)
+    if shuffle not in SHUFFLE_MODES:
+        raise MoCoConfigError(f"moco.shuffle_bn={shuffle!r}; choose one of {SHUFFLE_MODES}")
+    bn_splits = int(cfg_get(moco_cfg, "bn_splits", 2))
+    if bn_splits < 1:
+        raise MoCoConfigError(f"moco.bn_splits={bn_splits} must be >= 1")
+    return str(shuffle), bn_splits
+
+
 # --------------------------------------------------------------------------------------------- loss math
 
 
@@ -241,14 +253,7 @@ class MoCo(nn.Module):
         self.K = int(cfg_get(moco_cfg, "K", 4096))
         self.m = float(cfg_get(moco_cfg, "m", 0.999))
         self.T = float(cfg_get(moco_cfg, "T", 0.2))
-        shuffle = cfg_get(moco_cfg, "shuffle_bn", "auto")
-        shuffle = {True: "auto", False: "none"}.get(shuffle, shuffle)
-        if shuffle not in SHUFFLE_MODES:
-            raise MoCoConfigError(f"moco.shuffle_bn={shuffle!r}; choose one of {SHUFFLE_MODES}")
-        self.shuffle_bn = str(shuffle)
-        self.bn_splits = int(cfg_get(moco_cfg, "bn_splits", 2))
-        if self.bn_splits < 1:
-            raise MoCoConfigError(f"moco.bn_splits={self.bn_splits} must be >= 1")
+        self.shuffle_bn, self.bn_splits = shuffle_bn_settings(moco_cfg)
 
         self.knn_enabled = bool(cfg_get(knn_cfg, "enabled", False))
         self.knn_k = int(cfg_get(knn_cfg, "k", 20))
