@@ -913,6 +913,14 @@ def _serve(name: str, port: int, address: str, lifeline: bool = False) -> int:
     except InspectError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except ConnectionError as exc:  # FiftyOne's own startup: mongod did not answer
+        print(
+            f"error: FiftyOne could not reach its database ({exc}; cause: {exc.__cause__}). "
+            "Run the command again; if it persists, look for stale `mongod` processes of this user.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 3
     session = fo.launch_app(dataset, port=port, address=address, remote=True)
     print(f"serving '{name}' at {session.url}", flush=True)
     session.wait(-1)
@@ -1059,6 +1067,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InspectError, FileNotFoundError, SubsetFormatError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        stop_database()
+
+
+def stop_database() -> None:
+    """Stop the database service this process started, and wait until it is gone.
+
+    FiftyOne leaves this to the service object's finaliser, which may run after the process has exited: the
+    service then shuts mongod down in the background, and a command started right after (`build`, then
+    `app`) registers with that dying service and fails with "Could not connect to `mongod`".
+    """
+    odm = sys.modules.get("fiftyone.core.odm.database")
+    service = getattr(odm, "_db_service", None) if odm is not None else None
+    if service is None or getattr(service, "child", None) is None:
+        return
+    try:
+        odm._disconnect()
+    except Exception:  # noqa: BLE001 - a failed disconnect must not keep mongod running
+        log.debug("disconnect before stopping the database failed", exc_info=True)
+    service.stop()
+    odm._db_service = None
+    os.environ.pop("FIFTYONE_PRIVATE_DATABASE_PORT", None)
 
 
 def _build_or_embed(args: argparse.Namespace) -> int:
