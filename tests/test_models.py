@@ -76,7 +76,8 @@ def test_checkpoint_roundtrip_weights_only(tmp_path) -> None:
     raw = torch.load(path, weights_only=True)  # must not need pickled classes
     assert {"backbone", "arch", "small_input", "feat_dim"} <= raw.keys()
     net, info = load_backbone(path, arch="resnet18")
-    assert info == {"arch": "resnet18", "small_input": True, "feat_dim": 512, "epoch": 3, "method": "moco_v2"}
+    assert info == {"arch": "resnet18", "small_input": True, "feat_dim": 512, "width": 64, "epoch": 3,
+                    "method": "moco_v2"}
     x = torch.randn(2, 3, 16, 16)
     enc.eval()
     net.eval()
@@ -103,3 +104,26 @@ def test_bad_checkpoints_have_clear_errors(tmp_path) -> None:
         load_backbone({**state, "backbone": {"conv1.weight": torch.zeros(1)}})
     with pytest.raises(ValueError, match="model.arch"):
         build_backbone("vgg11")
+
+
+def test_narrow_resnet_is_a_proportional_torchvision_resnet_and_round_trips(tmp_path) -> None:
+    """model.width: the embedded scale model; every stage narrows by width / 64, module names stay torchvision's."""
+    full, fd = build_backbone("resnet18")
+    narrow, nd = build_backbone("resnet18", width=16)
+    assert (fd, nd) == (512, 128)
+    assert [getattr(narrow, f"layer{i}")[0].conv1.out_channels for i in range(1, 5)] == [16, 32, 64, 128]
+    n_full = sum(p.numel() for p in full.parameters())
+    n_narrow = sum(p.numel() for p in narrow.parameters())
+    assert 0.05 < n_narrow / n_full < 0.08  # ~ (16 / 64) ** 2 of the conv weights
+    assert narrow(torch.randn(2, 3, 64, 64)).shape == (2, 128)
+    enc = Encoder("resnet18", small_input=True, dim=8, width=16)
+    path = tmp_path / "narrow.pt"
+    torch.save(backbone_state(enc), path)
+    net, info = load_backbone(path)
+    assert info["width"] == 16 and info["feat_dim"] == 128
+    x = torch.randn(2, 3, 16, 16)
+    enc.eval()
+    net.eval()
+    assert torch.equal(net(x), enc.backbone(x))
+    with pytest.raises(ValueError, match="model.width"):
+        build_backbone("resnet18", width=10)
