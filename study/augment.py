@@ -8,6 +8,10 @@ Two ways to use them:
   the source region), so it builds ``view_pipelines(aug_cfg, sizes)`` with ``flip=False, to_float=False``:
   PIL in, uint8 CHW tensor out, and normalises whole batches once with ``batch_normalizer``.
 
+* With ``data.render: batched`` the workers stop at uint8 pixels (``worker_pipelines``: only A+'s AutoAugment
+  branch stays per image, flagged) and ``study.colour.BatchColour`` applies these same recipes to whole batches
+  as tensor ops on the training device.
+
 Moving the flip out of the pipeline does not change the distribution: horizontal flip commutes with colour
 jitter, grayscale and the (symmetric) Gaussian blur, and AutoAugment's geometric ops draw their sign at random.
 Colour ops run on PIL (cheapest at these sizes on CPU); the blur runs on the uint8 tensor so the image is not
@@ -152,6 +156,47 @@ def view_pipelines(
             out.append(aplus_pipeline(aug, size, flip=flip, to_float=to_float))
         else:
             out.append(standard_pipeline(aug, size, flip=flip, to_float=to_float))
+    return out
+
+
+class _ToUint8:
+    """``data.render: batched`` worker pipeline of a standard view: pixels only, colour comes later on the batch
+    (``study.colour``); the flag says "not AutoAugmented"."""
+
+    def __call__(self, img: Any) -> tuple[torch.Tensor, bool]:
+        return T.functional.pil_to_tensor(img), False
+
+    def __repr__(self) -> str:
+        return "ToUint8()"
+
+
+class AplusWorker:
+    """``data.render: batched`` worker pipeline of an A+ view: draws the branch like ``EitherPipeline`` (same
+    torch RNG, same probability); the AutoAugment branch runs here on PIL and is flagged so the batched colour
+    stage only normalises it, the standard branch returns the plain pixels."""
+
+    def __init__(self, autoaugment: Callable, p_standard: float):
+        self.autoaugment, self.p_standard = autoaugment, float(p_standard)
+
+    def __call__(self, img: Any) -> tuple[torch.Tensor, bool]:
+        if torch.rand(()).item() < self.p_standard:
+            return T.functional.pil_to_tensor(img), False
+        return self.autoaugment(img), True
+
+    def __repr__(self) -> str:
+        return f"AplusWorker(p_standard={self.p_standard}, aa={self.autoaugment})"
+
+
+def worker_pipelines(aug_cfg: Any, sizes: Sequence[int]) -> list[Callable[[Any], tuple[torch.Tensor, bool]]]:
+    """Per view, the worker's part under ``data.render: batched``: PIL (already cropped, resized, flipped) ->
+    ``(uint8 CHW tensor, autoaugmented)``. View 0 never takes A+'s AutoAugment branch, as in ``view_pipelines``."""
+    aug = aug_settings(aug_cfg)
+    out: list[Callable[[Any], tuple[torch.Tensor, bool]]] = []
+    for v in range(len(sizes)):
+        if v > 0 and aug["aplus"]:
+            out.append(AplusWorker(autoaugment_pipeline(aug, flip=False, to_float=False), aug["aplus_p"]))
+        else:
+            out.append(_ToUint8())
     return out
 
 

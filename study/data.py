@@ -3,8 +3,10 @@
 Each shard holds ``{key}.jpg`` (original bytes) and ``{key}.json`` (``class_index``, -1 if none; ``width``,
 ``height``). Per sample: sample the geometry (``study.crops.sample_views``), decode the JPEG once with PIL's DCT
 scaling (``Image.draft``) as far as the smallest box still covers its output size, crop+resize every box in one
-PIL call (bilinear, antialiased), mirror flagged views, then the per-view colour pipelines
-(``study.augment.view_pipelines``) to uint8; batches are normalised to float once.
+PIL call (bilinear, antialiased), mirror flagged views, then (``render="pil"``) the per-view colour pipelines
+(``study.augment.view_pipelines``) to uint8, batches normalised to float once; or (``render="batched"``,
+``data.render``) stop at uint8 pixels (A+ views that draw AutoAugment get it here, flagged in ``autoaug``) and
+leave colour and normalisation to ``study.colour.BatchColour`` on the training device.
 
 Stream: ``iter(loader)`` gives an endless stream of batches (passes over the shards, reshuffled each pass), so
 a trainer just takes ``steps`` batches. With ``epoch_len`` each ``iter()`` yields exactly that many batches and
@@ -60,11 +62,19 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from data_prep.shards import ShardError, ShardIntegrityError, rebuild_command
-from study.augment import batch_normalizer, view_pipelines
+from study.augment import batch_normalizer, view_pipelines, worker_pipelines
 from study.crops import CropSpec, box_iou, crop_spec, sample_views
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 DRAFT_FACTORS = (8, 4, 2, 1)  # the DCT scalings libjpeg offers through PIL's draft()
+RENDERS = ("pil", "batched")  # data.render: where the colour augmentation runs (module docstring)
+
+
+def check_render(render: Any) -> str:
+    """``render`` if it is one of ``RENDERS``, else a ValueError naming the config key."""
+    if render not in RENDERS:
+        raise ValueError(f"data.render must be one of {', '.join(RENDERS)}, got {render!r}")
+    return str(render)
 
 
 class ShardDataError(ShardError):
@@ -242,8 +252,10 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 1000,
         interleave: int = 64,
         expected_counts: Mapping[str, int] | None = None,
+        render: str = "pil",
     ):
         super().__init__()
+        self.render = check_render(render)
         if interleave < 1:
             raise ValueError(f"interleave must be >= 1 (shards read at once per reader), got {interleave}")
         self.urls = list(urls)
@@ -256,7 +268,10 @@ class ShardStream(IterableDataset):
                                                                     initial=0), strict=False))
         self.spec: CropSpec = crop_spec(crop_cfg)
         self.sizes = self.spec.sizes
-        self.pipelines = view_pipelines(aug_cfg, self.sizes, flip=False, to_float=False)
+        if self.render == "batched":
+            self.pipelines: list[Callable] = worker_pipelines(aug_cfg, self.sizes)
+        else:
+            self.pipelines = view_pipelines(aug_cfg, self.sizes, flip=False, to_float=False)
         self.normalize = batch_normalizer(aug_cfg)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
@@ -293,15 +308,24 @@ class ShardStream(IterableDataset):
             return None
         # realised key/query IoU of the source regions (what the two views show; logged by the trainer)
         iou = float(box_iou(boxes[0], boxes[1]))
-        return {"views": views, "label": -1 if label is None else int(label), "fallback": int(fell_back),
+        autoaug = None
+        if self.render == "batched":
+            views, autoaug = [v for v, _ in views], [bool(a) for _, a in views]
+        return {"views": views, "autoaug": autoaug, "label": -1 if label is None else int(label), "fallback": int(fell_back),
                 "iou": iou, "key": key, "index": int(sample.get("__index__", -1))}
 
     def _collate(self, samples: list[dict]) -> dict:
         views = []
+        batched = self.render == "batched"
         for v in range(len(self.sizes)):
             x = torch.stack([s["views"][v] for s in samples])
-            views.append(self.normalize(x) if x.dtype == torch.uint8 else x)
+            views.append(self.normalize(x) if x.dtype == torch.uint8 and not batched else x)
+        extra = {}
+        if batched:
+            extra["autoaug"] = [torch.tensor([s["autoaug"][v] for s in samples], dtype=torch.bool)
+                                for v in range(len(self.sizes))]
         return {
+            **extra,
             "views": views,
             "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
             "fallbacks": torch.tensor([s["fallback"] for s in samples], dtype=torch.long),
@@ -456,6 +480,7 @@ def make_loader(
     shuffle_buffer: int = 1000,
     interleave: int = 64,
     expected_counts: Mapping[str, int] | None = None,
+    render: str = "pil",
 ) -> ShardLoader:
     """Batches of ``{views: [Tensor(B,3,S_v,S_v)], label: LongTensor(B), fallbacks: LongTensor(B), iou, key, index}``; ``index``: LongTensor(B), each sample's position in the manifest order (-1 without counts).
 
@@ -468,7 +493,11 @@ def make_loader(
     bounded because each is an open file. ``expected_counts``: samples per shard url from the manifest
     (``data_prep.shards.manifest_counts(shard_dir)`` or ``verify_shards(shard_dir).counts``); a shard read to
     its end with another count, or unreadable, raises ``ShardIntegrityError`` naming it and the fix.
+    ``render`` (``data.render``): ``"pil"`` gives float32 normalised views with all colour augmentation done;
+    ``"batched"`` gives uint8 views (crop, resize, flip only) plus ``autoaug``: per view a bool (B,) of the
+    samples A+ AutoAugmented in the worker; apply ``study.colour.BatchColour`` on the training device.
     """
+    render = check_render(render)
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
     if epoch_len is not None and epoch_len < 1:
@@ -482,6 +511,6 @@ def make_loader(
             stacklevel=2,
         )
     dataset = ShardStream(
-        urls, crop_cfg, aug_cfg, batch_size, seed, shuffle_buffer, interleave, expected_counts
+        urls, crop_cfg, aug_cfg, batch_size, seed, shuffle_buffer, interleave, expected_counts, render
     )
     return ShardLoader(dataset, num_workers, epoch_len, start_epoch)

@@ -156,3 +156,68 @@ def test_views_from_image_matches_crop_resize_flip():
     np.testing.assert_array_equal(out[1], want1)
     with pytest.raises(ValueError):
         views_from_image(img, boxes, [16], [False], ident[:1])
+
+
+# ------------------------------------------------------------------------ data.render: batched
+
+
+def test_batched_render_gives_uint8_views_with_the_same_geometry(shards):
+    from study.colour import BatchColour, colour_generator
+
+    urls, labels = shards
+    pil = list(make_loader(urls, CROP, {}, batch_size=4, num_workers=0, seed=3, epoch_len=3))
+    bat = list(make_loader(urls, CROP, {}, batch_size=4, num_workers=0, seed=3, epoch_len=3, render="batched"))
+    sizes = [32, 32, 16, 16]
+    stage = BatchColour({}, sizes)
+    for p, b in zip(pil, bat, strict=True):
+        # geometry is drawn from the numpy stream, untouched by where colour runs: same samples, same crops
+        assert p["key"] == b["key"] and torch.equal(p["iou"], b["iou"]) and torch.equal(p["label"], b["label"])
+        assert set(b) == set(p) | {"autoaug"}
+        assert [tuple(v.shape) for v in b["views"]] == [(4, 3, s, s) for s in sizes]
+        assert all(v.dtype == torch.uint8 for v in b["views"])
+        assert [a.tolist() for a in b["autoaug"]] == [[False] * 4] * 4  # no A+: nothing AutoAugmented
+        out = stage(b["views"], colour_generator(0, 0), b["autoaug"])
+        assert [(v.dtype, tuple(v.shape)) for v in out] == [(p["views"][i].dtype, tuple(p["views"][i].shape))
+                                                             for i in range(4)]
+        _check_batch({k: v for k, v in b.items() if k != "autoaug"} | {"views": out}, labels, 4, sizes)
+
+
+def test_batched_render_flags_aplus_autoaugment_views(shards):
+    urls, _ = shards
+
+    def flags(p):
+        loader = make_loader(urls, CROP, {"aplus": True, "aplus_p": p}, batch_size=4, num_workers=0, seed=0,
+                             epoch_len=4, render="batched")
+        return torch.stack([torch.stack(b["autoaug"]) for b in loader], dim=1)  # (views, batches, B)
+
+    every = flags(0.0)  # AutoAugment always: every view but the key
+    assert not every[0].any() and every[1:].all()
+    assert not flags(1.0).any()
+    half = flags(0.5)
+    assert not half[0].any() and 0 < half[1:].float().mean() < 1
+
+
+def test_batched_render_with_workers_is_deterministic(shards):
+    urls, _ = shards
+
+    def run():
+        return list(make_loader(urls, CROP, {"aplus": True}, batch_size=4, num_workers=2, seed=1, epoch_len=3,
+                                render="batched"))
+
+    a, b = run(), run()
+    for x, y in zip(a, b, strict=True):
+        assert x["key"] == y["key"]
+        assert all(torch.equal(u, v) for u, v in zip(x["views"] + x["autoaug"], y["views"] + y["autoaug"],
+                                                      strict=True))
+
+
+def test_bad_render_is_a_clear_error(shards):
+    from study.runconfig import ConfigError, compose_config, validate_config
+
+    urls, _ = shards
+    with pytest.raises(ValueError, match=r"data.render must be one of pil, batched, got 'foo'"):
+        make_loader(urls, CROP, {}, 2, 0, 0, None, render="foo")
+    cfg = compose_config(["out_dir=x", "data.shards=x", "data.render=foo"])
+    with pytest.raises(ConfigError, match=r"data.render='foo': must be one of 'pil', 'batched'"):
+        validate_config(cfg, world=1)
+    assert compose_config(["out_dir=x", "data.shards=x"]).data.render == "batched"  # the default
