@@ -84,6 +84,7 @@ PRETRAIN: dict[str, Any] = {
 CROP_SCALE = 32 / 224  # variants' own crop sizes (multi-crop 160 px) shrink by the same factor
 CROP_KEYS = ("crop.size", "crop.small_size")
 RESOURCES = {"threads": 1, "mem_mb": 3000, "runtime": 30, "gpu": 0}
+MONITOR = {"n_train": 64, "n_val": 32, "n_pairs": 16}  # the online monitors on the stand-in target, small
 SHARDS = {"max_per_shard": 40, "min_shards": 2, "workers": 1}
 FIG1 = {"n_pairs": 20000}  # Figure 1's crop-pair sample (10^6 in the paper study)
 
@@ -166,6 +167,8 @@ def derive(paper: Mapping[str, Any], results: str | Path) -> dict[str, Any]:
     pre["overrides"] = rewrite_overrides(pre["overrides"], PRETRAIN)
     pre["resources"] = dict(RESOURCES)
     pre.pop("launcher", None)
+    if pre.get("monitor"):
+        pre["monitor"] = {**pre["monitor"], **MONITOR}
     cfg["variants"] = {v: _scale_variant(o, batch_factor) for v, o in cfg["variants"].items()}
     cfg.setdefault("transfer", {})["resources"] = dict(RESOURCES)
     report = cfg.setdefault("report", {})

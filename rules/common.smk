@@ -150,6 +150,31 @@ PRE_RES = PRE["resources"]
 HYDRA_CONF = sorted(glob("study/conf/**/*.yaml", recursive=True))
 
 
+def monitor_overrides():
+    """`pretrain.monitor` -> the trainer's `monitor.*` overrides: its target's format, root and size."""
+    mon = PRE.get("monitor") or {}
+    if not int(mon.get("every", 0) or 0):
+        return []
+    t = mon.get("target")
+    if t not in TARGETS:
+        raise WorkflowError(f"config key pretrain.monitor.target: {t!r} is not a key of `targets:` "
+                            f"({', '.join(sorted(TARGETS)) or 'none'}); name a labelled classification target")
+    tgt = TARGETS[t]
+    out = [f"monitor.every={int(mon['every'])}", f"monitor.format={tgt['format']}", f"monitor.root={tgt['root']}",
+           f"monitor.image_size={int(tgt.get('image_size', 224))}"]
+    if tgt.get("splits"):
+        out.append("monitor.splits={" + ",".join(f"{k}:{v}" for k, v in tgt["splits"].items()) + "}")
+    return out + [f"monitor.{k}={mon[k]}" for k in ("n_train", "n_val", "n_pairs") if k in mon]
+
+
+def monitor_inputs(wildcards):
+    t = (PRE.get("monitor") or {}).get("target")
+    return [f"{SYN}/world.json"] if monitor_overrides() and TARGETS[t].get("synthetic") else []
+
+
+MONITOR = monitor_overrides()
+
+
 def launcher(gpus):
     """`torchrun` for several GPUs (one process per GPU, DDP), plain python otherwise."""
     if gpus and int(gpus) > 1:

@@ -3,10 +3,11 @@ rule pretrain:
     input:
         shards=f"{RES}/data/{{dataset}}/shards",
         conf=HYDRA_CONF,
+        monitor=monitor_inputs,
     output:
         f"{RES}/pretrain/{{dataset}}/{{variant}}/checkpoint.pt",
     params:
-        overrides=lambda wc: " ".join(shlex.quote(o) for o in PRE["overrides"] + VARIANTS[wc.variant]),
+        overrides=lambda wc: " ".join(shlex.quote(o) for o in PRE["overrides"] + MONITOR + VARIANTS[wc.variant]),
         out_dir=lambda wc: f"{RES}/pretrain/{wc.dataset}/{wc.variant}",
         launcher=lambda wc, resources: launcher(resources.gpu),
         omp=lambda wc, threads, resources: max(1, threads // max(1, int(resources.gpu))),

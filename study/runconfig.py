@@ -32,8 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 from study.runstate import RunError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
-NEUTRAL_KEYS = ("out_dir", "progress", "log_every", "ckpt_every", "data.shards", "guard")
-EXECUTION_KEYS = ("num_workers", "device", "precision", "channels_last", "compile")
+NEUTRAL_KEYS = ("out_dir", "progress", "log_every", "ckpt_every", "data.shards", "guard", "monitor")
+EXECUTION_KEYS = ("num_workers", "device", "precision", "channels_last", "compile", "data.render")
 # The IoU-ceiling estimate: pairs sampled at a typical (ImageNet-like) image size; more fallbacks than this fail.
 # The sampler (rejection, then conditional placement) holds any attainable ceiling on all but < 0.1 % of pairs,
 # so a fallback here means the ceiling is unattainable for the crop sizes, and 1 % is a clear signal.
@@ -147,6 +147,7 @@ RULES: tuple[Rule, ...] = (
     Rule("progress", "bool"),
     Rule("data.shuffle_buffer", "int", lo=1),
     Rule("data.interleave", "int", lo=1),
+    Rule("data.render", "choice", choices=("pil", "batched"), hint="where the colour augmentation runs"),
     Rule("optim.lr", "float", lo=0, open_lo=True),
     Rule("optim.momentum", "float", lo=0, hi=1, open_hi=True),
     Rule("optim.weight_decay", "float", lo=0),
@@ -158,6 +159,7 @@ RULES: tuple[Rule, ...] = (
     Rule("bank.allow_self", "bool"),
     Rule("model.arch", "choice", choices=("resnet18", "resnet34", "resnet50")),
     Rule("model.small_input", "bool"),
+    Rule("model.width", "int", lo=4, hint="channels of the stem and layer1 (64 = torchvision)"),
     Rule("moco.K", "int", lo=1, hint="queue length"),
     Rule("moco.dim", "int", lo=1),
     Rule("moco.m", "float", lo=0, hi=1),
@@ -192,6 +194,13 @@ RULES: tuple[Rule, ...] = (
     Rule("aug.aplus", "bool"),
     Rule("aug.aplus_p", "float", lo=0, hi=1),
     Rule("aug.blur", "bool"),
+    Rule("monitor.every", "int", lo=0, hint="steps between monitor rows; 0 = off"),
+    Rule("monitor.image_size", "int", lo=8),
+    Rule("monitor.n_train", "int", lo=1),
+    Rule("monitor.n_val", "int", lo=1),
+    Rule("monitor.n_pairs", "int", lo=2),
+    Rule("monitor.k", "int", lo=1),
+    Rule("monitor.temperature", "float", lo=0, open_lo=True),
     Rule("guard.stop_on_collapse", "bool"),
     Rule("guard.collapse_rows", "int", lo=1),
     Rule("guard.collapse_gap", "float", lo=0),
@@ -236,6 +245,14 @@ def _cross_checks(c: Mapping[str, Any], world: int) -> list[str]:
         errs.append("out_dir is missing: pass out_dir=<folder for checkpoints and logs>")
     if training and _get(c, "data.shards", "???") in ("???", None, ""):
         errs.append("data.shards is missing: pass data.shards=<folder with manifest.json and the .tar shards>")
+    every, log_every = int(_get(c, "monitor.every", 0) or 0), int(_get(c, "log_every", 1) or 1)
+    if training and every:
+        if every % log_every:
+            errs.append(f"monitor.every={every}: must be a multiple of log_every={log_every} (monitors fill "
+                        "logged rows of metrics.csv)")
+        if _get(c, "monitor.root", None) in (None, ""):
+            errs.append("monitor.every > 0 needs monitor.root (a labelled split, e.g. results/synthetic/cls) and "
+                        "monitor.format; or set monitor.every=0")
     K, B = int(_get(c, "moco.K", 1)), int(_get(c, "batch_size", 1))
     gb = B * world
     mechanism = _get(c, "mechanism", "queue")

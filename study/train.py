@@ -51,6 +51,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from data_prep.shards import ShardError, load_manifest, manifest_counts, verify_shards
+from study.monitor import MONITOR_FIELDS, OnlineMonitor, monitor_spec
 from study.runconfig import (
     ConfigError,
     compose_config,
@@ -103,6 +104,7 @@ METRIC_FIELDS = [
     "pos_logit",
     "neg_logit",
     "collapse",
+    *MONITOR_FIELDS,
 ]
 MONITORS = ("loss", "loss_inst", "loss_nn", "pos_logit", "neg_logit")
 TRAIN_LOG = "train.log"  # Hydra's job log: ${hydra.run.dir}/${hydra.job.name}.log with run.dir=out_dir, name=train
@@ -329,6 +331,7 @@ class BatchStream:
             start_epoch=start_epoch,
             shuffle_buffer=int(cfg.data.shuffle_buffer),
             interleave=int(cfg.data.get("interleave", 64)),
+            render=str(cfg.data.get("render", "pil")),  # batched: colour on the device in _run_steps
             expected_counts=manifest_counts(cfg.data.shards),  # a shard yielding fewer samples stops the run
         )
         self.it: Any = None
@@ -360,6 +363,27 @@ class BatchStream:
 
 
 # ------------------------------------------------------------------------------------------------ resume
+
+
+def _board(out_dir: Path, start: int) -> Any:
+    """TensorBoard writer on ``<out_dir>/tb`` (``tensorboard --logdir results/pretrain``); events after ``start``
+    from an interrupted attempt are purged so a resumed curve has no duplicates. None without tensorboard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # an optional extra: metrics.csv holds the same numbers
+        log.info("tensorboard is not installed: metrics go to metrics.csv only")
+        return None
+    return SummaryWriter(str(out_dir / "tb"), purge_step=start)
+
+
+def _board_row(board: Any, row: dict[str, Any]) -> None:
+    if board is None:
+        return
+    for k, v in row.items():
+        if k not in ("step", "epoch") and isinstance(v, (int, float)) and math.isfinite(v):
+            group = "monitor" if k.startswith("mon_") else "train"
+            board.add_scalar(f"{group}/{k}", v, int(row["step"]))
+    board.flush()
 
 
 def _warn_changes(state: dict[str, Any], run: RunId, steps_per_epoch: int) -> None:
@@ -504,6 +528,7 @@ def _run_steps(train_model: torch.nn.Module, model: torch.nn.Module, optimizer: 
     is_main = rank == 0
     stream = BatchStream(urls, cfg, start // steps_per_epoch, steps_per_epoch)
     window, ious = Window(), IouRecord()
+    wall = 0.0  # training wall seconds before this process (monitors excluded): Fig 5's x axis
     g = cfg.guard
     guard = CollapseGuard(rows=int(g.collapse_rows), gap=float(g.collapse_gap), loss_rtol=float(g.collapse_loss_rtol),
                           min_step=math.ceil(int(cfg.moco.K) / (int(cfg.batch_size) * world))
@@ -516,6 +541,7 @@ def _run_steps(train_model: torch.nn.Module, model: torch.nn.Module, optimizer: 
             ious.load_state_dict(run_state["crop_iou"])
         if "guard" in run_state:
             guard.load_state_dict(run_state["guard"])
+        wall = float(run_state.get("wall_s", 0.0))
         rngs = resume.get("rng") or []
         skip = start % steps_per_epoch
         exact = len(rngs) == world
@@ -534,13 +560,25 @@ def _run_steps(train_model: torch.nn.Module, model: torch.nn.Module, optimizer: 
     mf = torch.channels_last if use_cl else torch.contiguous_format
     bar = tqdm(total=total, initial=start, desc="pretrain", disable=not (is_main and cfg.progress),
                dynamic_ncols=True)
+    spec = monitor_spec(cfg)
+    monitor = OnlineMonitor(spec, cfg.crop, cfg.aug, device) if (spec is not None and is_main) else None
+    board = _board(Path(cfg.out_dir), start) if is_main else None
+    if monitor is not None and start == 0:  # the curve starts at the initial weights
+        first = {"step": 0, "epoch": 0.0, "wall_s": 0.0, **monitor(model, use_cl)}
+        assert metrics is not None
+        metrics.append(first)
+        _board_row(board, first)
     train_model.train()
+    t_wall = time.perf_counter()
+    from study.colour import BatchColour, device_views  # data.render: batched -> colour per step on `device`
+    ds = stream.loader.dataset
+    colour = BatchColour(cfg.aug, ds.sizes) if ds.render == "batched" else None
     for step in range(start, total):
         batch = next(stream)
         lr = lr_at(step, total, steps_per_epoch, cfg.optim, int(cfg.batch_size) * world)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        views = [v.to(device, non_blocking=True).contiguous(memory_format=mf) for v in batch["views"]]
+        views = device_views(batch, device, mf, colour, int(cfg.seed), step, rank)
         epoch = step / steps_per_epoch
         with autocast:
             # labels: read only by mochi.oracle (drops same-class negatives); -1 where a shard has no class
@@ -571,16 +609,24 @@ def _run_steps(train_model: torch.nn.Module, model: torch.nn.Module, optimizer: 
             row: dict[str, Any] = {k: v / window.n for k, v in window.sums.items()}
             row.update(step=done, epoch=round(done / steps_per_epoch, 4), lr=lr,
                        img_per_s=round(window.imgs / dt, 2), fallbacks=window.fallbacks, **window.iou_row())
+            wall += time.perf_counter() - t_wall
+            row["wall_s"] = round(wall, 3)
+            if monitor is not None and (done % spec.every == 0 or done == total):
+                row.update(monitor(model, use_cl))
             chance = chance_loss(_negatives(cfg, epoch, world))
             collapsed = guard.update(done, row["loss_inst"], row["pos_logit"], row["neg_logit"], chance)
             row["collapse"] = int(collapsed)
             if is_main:
                 assert metrics is not None
                 metrics.append(row)
+                _board_row(board, row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['img_per_s']:.0f}")
-                log.info("step %d/%d epoch %.2f loss %.4f lr %.4g img/s %.1f", done, total, row["epoch"],
-                         row["loss"], lr, row["img_per_s"])
+                log.info("step %d/%d epoch %.2f loss %.4f lr %.4g img/s %.1f%s", done, total, row["epoch"],
+                         row["loss"], lr, row["img_per_s"],
+                         f" kNN {row['mon_knn_top1']:.1f}% view-match {row['mon_view_top1']:.1f}%"
+                         if "mon_knn_top1" in row else "")
             window.reset()
+            t_wall = time.perf_counter()
             if collapsed:
                 what = (f"training collapsed: since step {guard.since} loss_inst is within "
                         f"{guard.loss_rtol:.0%} of ln(1 + {_negatives(cfg, epoch, world)} negatives) = {chance:.4f} (uniform "
@@ -605,10 +651,13 @@ def _run_steps(train_model: torch.nn.Module, model: torch.nn.Module, optimizer: 
             if is_main:
                 state = _checkpoint(model, optimizer, done, total, steps_per_epoch, cfg, final=False, run=run,
                                     rng=rngs, run_state={"window": window.state_dict(), "guard": guard.state_dict(),
-                                                         "crop_iou": ious.state_dict()})
+                                                         "crop_iou": ious.state_dict(),
+                                                         "wall_s": wall + time.perf_counter() - t_wall})
                 atomic_save(state, last_path)
             last_good = done
     bar.close()
+    if board is not None:
+        board.close()
     if is_main:
         record = ious.summary(float(cfg.crop.max_iou))
         (Path(cfg.out_dir) / CROP_IOU_FILE).write_text(json.dumps(record, indent=1) + "\n")

@@ -108,7 +108,10 @@ def test_kill_9_and_rerun_ends_byte_identical_to_an_unbroken_run(tmp_path, shard
     rows, ref_rows = _rows(out), _rows(reference)
     assert [r["step"] for r in rows] == [str(s) for s in range(1, 19)]
     for r, q in zip(rows, ref_rows, strict=True):
-        assert {k: v for k, v in r.items() if k != "img_per_s"} == {k: v for k, v in q.items() if k != "img_per_s"}
+        clock = ("img_per_s", "wall_s", "mon_s")  # wall-clock columns; wall_s is checked for order below
+        assert {k: v for k, v in r.items() if k not in clock} == {k: v for k, v in q.items() if k not in clock}
+    walls = [float(r["wall_s"]) for r in rows]
+    assert walls == sorted(walls)  # training time carried across the kill, never restarting from 0
     # the killed attempt's log is kept, not overwritten
     assert "resumed from" not in (out / "train.log.1").read_text()
     assert "step 1/18" in (out / "train.log.1").read_text()

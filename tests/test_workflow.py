@@ -72,8 +72,9 @@ def test_missing_root_fails_at_dag_construction_naming_key_and_path(tmp_path, de
         (lambda c: c["datasets"]["syn_in"]["subset"].update(rule="pareto"), "pareto"),
         (lambda c: c["experiments"]["iou"]["variants"].append("no_such_variant"), "no_such_variant"),
         (lambda c: c["shards"].pop("max_per_shard"), "max_per_shard"),
+        (lambda c: c["pretrain"]["monitor"].update(target="no_such_target"), "pretrain.monitor.target"),
     ],
-    ids=["unknown-format", "unknown-subset-rule", "unknown-variant", "missing-key"],
+    ids=["unknown-format", "unknown-subset-rule", "unknown-variant", "missing-key", "unknown-monitor-target"],
 )
 def test_bad_config_is_rejected_with_the_offending_value(tmp_path, default_cfg, mutate, needle):
     cfg = copy.deepcopy(default_cfg)
