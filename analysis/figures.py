@@ -10,8 +10,10 @@
 - ``fig3``: training loss curves per IoU ceiling (``metrics.csv`` of each run).
 - ``fig4``: constrained multi-crop drawn on a real image: anchor (key), query, accepted (green) and rejected
   (red) small crops, with the crop module's own sampler and constraint tests.
-- ``fig5``: transfer vs training time (Snakemake benchmark of the pretrain job), two-crop vs multi-crop.
-- ``fig6``: class activation maps, two-crop vs multi-crop model (the CAM protocol's ``.npz``).
+- ``fig5``: online-monitor curves (kNN and view-matching top-1 from ``metrics.csv``) vs pretraining wall time,
+  two-crop vs multi-crop (analysis/figures_sec4.py).
+- ``fig6``: class activation maps, two-crop vs multi-crop model, one image per class with true and predicted
+  labels (the CAM protocol's ``.npz``; analysis/figures_sec4.py).
 - ``mochi``: alignment / uniformity and share of false negatives per checkpoint (analysis.embedding_stats).
 
 Each builder returns a ``FigureResult`` whose ``data`` frame is exactly what was plotted (tests compare it with
@@ -397,175 +399,21 @@ def fig4(config: Mapping, results: str | Path, out_dir: str | Path, rs: Mapping)
     return FigureResult("fig4", paths, data, {"variant": variant})
 
 
-# ---------------------------------------------------------------------------------------------- Figure 5
-
-
-def _n_small(config: Mapping, variant: str) -> int:
-    return int(T.variant_settings(config, variant).get("crop.n_small", 0) or 0)
-
-
-def fig5_plan(config: Mapping, results: str | Path, rs: Mapping) -> list[Path]:
-    exp = rs["fig5"]["experiment"]
-    pairs = T.experiment_pairs(config, exp)
-    # the benchmark file is written by Snakemake when the pretrain job (whose output is the checkpoint) ends
-    return [T.checkpoint_path(results, d, v) for d, v in pairs] + [
-        T.transfer_path(results, d, v, t) for d, v in pairs for t in _targets(config, rs, exp)]
-
-
-def train_seconds(path: Path) -> float:
-    """Wall seconds of a job from its Snakemake benchmark TSV (mean over repeats)."""
-    bench = pd.read_csv(path, sep="\t")
-    if "s" not in bench or bench.empty:
-        raise ValueError(f"{path}: not a Snakemake benchmark file (needs a column `s`)")
-    return float(bench["s"].mean())
-
-
-def fig5(config: Mapping, results: str | Path, out_dir: str | Path, rs: Mapping) -> FigureResult:
-    sns = _plotting()[0]
-    exp = rs["fig5"]["experiment"]
-    pairs, targets = T.experiment_pairs(config, exp), _targets(config, rs, exp)
-    if not targets:
-        raise T.ReportConfigError(f"fig5: experiments.{exp} has no transfer target; add `targets: [...]` to it")
-    inputs = T.Inputs(results)
-    long = T.transfer_frame(inputs, pairs, targets, rs)
-    secs = {(d, v): train_seconds(T.benchmark_path(results, d, v)) for d, v in pairs
-            if inputs.exists(T.benchmark_path(results, d, v))}  # fmt: skip
-    inputs.check("fig5 (transfer vs training time)")
-    paper = T.load_paper_values()
-    long["label"] = [T.variant_label(paper, v) for v in long.variant]
-    long["crops"] = ["multi-crop" if _n_small(config, v) > 0 else "two-crop" for v in long.variant]
-    long["train_minutes"] = [secs[(d, v)] / 60.0 for d, v in zip(long.dataset, long.variant, strict=True)]
-    data = long[["dataset", "variant", "label", "crops", "train_minutes", "target", "metric", "value"]]
-    fig, axes = _grid(len(targets))
-    for ax, t in zip(axes, targets, strict=True):
-        sub = data[data.target == t]
-        sns.scatterplot(data=sub, x="train_minutes", y="value", hue="crops", hue_order=["two-crop", "multi-crop"],
-                        style="dataset", s=70, ax=ax)  # fmt: skip
-        for _, r in sub.iterrows():
-            ax.annotate(r.label, (r.train_minutes, r.value), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set(xlabel="pretraining wall time (min)", ylabel=f"{sub.metric.iloc[0]} (%)", title=t)
-    paths = _save(fig, data, out_dir, "fig5")
-    return FigureResult("fig5", paths, data)
-
-
-# ---------------------------------------------------------------------------------------------- Figure 6
-
-
-def _cam_target(config: Mapping, rs: Mapping) -> str | None:
-    exp = rs["fig6"]["experiment"]
-    if not T.has_experiment(config, exp):
-        return None
-    return next((t for t in T.experiment_targets(config, exp) if T.target_protocol(config, t) == "cam"), None)
-
-
-def _fig6_variants(config: Mapping, rs: Mapping) -> tuple[str | None, str | None]:
-    f6, exp = rs["fig6"], rs["fig6"]["experiment"]
-    two, multi = f6.get("two_crop"), f6.get("multi_crop")
-    if T.has_experiment(config, exp):
-        for v in T.experiment(config, exp)["variants"]:
-            s = T.variant_settings(config, v)
-            if s.get("method_name") == "random_init":
-                continue
-            if two is None and int(s.get("crop.n_small", 0) or 0) == 0:
-                two = v
-            if multi is None and int(s.get("crop.n_small", 0) or 0) > 0:
-                multi = v
-    return two, multi
-
-
-def fig6_plan(config: Mapping, results: str | Path, rs: Mapping) -> list[Path]:
-    t, (two, multi) = _cam_target(config, rs), _fig6_variants(config, rs)
-    d = T.experiment(config, rs["fig6"]["experiment"])["datasets"][0]
-    return [T.transfer_path(results, d, v, t) for v in (two, multi)]
-
-
-def cam_npz_path(result_json: Path, result: Mapping | None) -> Path | None:
-    """Where the CAM protocol put its maps: the result's ``settings.cam_file``, else ``<target>.cam.npz`` or
-    ``<target>.npz`` next to the result JSON."""
-    cand = []
-    cam_file = ((result or {}).get("settings") or {}).get("cam_file")
-    if cam_file:
-        cand.append(Path(cam_file))
-    cand += [result_json.with_suffix(".cam.npz"), result_json.with_suffix(".npz")]
-    return next((p for p in cand if p.is_file()), None)
-
-
-def load_cams(path: Path) -> dict[str, np.ndarray]:
-    """Images (N, H, W, 3) uint8 and CAMs (N, h, w) from a CAM npz; optional ids / class names."""
-    with np.load(path, allow_pickle=False) as z:
-        keys = set(z.files)
-        img_key = next((k for k in ("images", "pixels", "image") if k in keys), None)
-        cam_key = next((k for k in ("cams", "cam", "maps") if k in keys), None)
-        if img_key is None or cam_key is None:
-            raise ValueError(f"{path}: expected arrays `images` and `cams`, found {sorted(keys)}")
-        out = {"images": z[img_key], "cams": z[cam_key]}
-        for k in ("ids", "class_names"):
-            if k in keys:
-                out[k] = z[k]
-    if out["images"].ndim != 4 or out["cams"].ndim != 3 or len(out["images"]) != len(out["cams"]):
-        raise ValueError(f"{path}: images {out['images'].shape} / cams {out['cams'].shape} are not (N,H,W,3) / (N,h,w)")
-    return out
-
-
-def fig6(config: Mapping, results: str | Path, out_dir: str | Path, rs: Mapping) -> FigureResult:
-    sns, Figure, _ = _plotting()
-    t = _cam_target(config, rs)
-    two, multi = _fig6_variants(config, rs)
-    if t is None or two is None or multi is None:
-        raise T.ReportConfigError(
-            f"fig6 needs a target with protocol 'cam' in experiments.{rs['fig6']['experiment']}.targets and a "
-            f"two-crop and a multi-crop variant there (found target={t}, two_crop={two}, multi_crop={multi}); "
-            "set report.fig6.two_crop / multi_crop"
-        )
-    d = T.experiment(config, rs["fig6"]["experiment"])["datasets"][0]
-    inputs = T.Inputs(results)
-    res = {v: inputs.json(T.transfer_path(results, d, v, t)) for v in (two, multi)}
-    inputs.check("fig6 (class activation maps)")
-    n_max = int(rs["fig6"].get("n_images", 6))
-    cams, missing = {}, []
-    for v in (two, multi):
-        path = cam_npz_path(T.transfer_path(results, d, v, t), res[v])
-        if path is None:
-            missing.append(str(T.transfer_path(results, d, v, t).with_suffix(".cam.npz")))
-        else:
-            cams[v] = load_cams(path)
-    rows = []
-    if missing:
-        log.warning("fig6: CAM maps missing (%s); drawing a placeholder", ", ".join(missing))
-        fig, (ax,) = _grid(1, size=(7.0, 2.0))
-        ax.set_axis_off()
-        ax.text(0.5, 0.5, "CAM maps not available:\n" + "\n".join(missing) + "\n(rerun the CAM target)",
-                ha="center", va="center", fontsize=8, wrap=True)  # fmt: skip
-        data = pd.DataFrame(columns=["variant", "crops", "index", "id", "class_name", "cam_mean", "cam_max"])
-        return FigureResult("fig6", _save(fig, data, out_dir, "fig6"), data, {"missing": missing})
-    n = min(n_max, *(len(c["cams"]) for c in cams.values()))
-    for v, mode in ((two, "two-crop"), (multi, "multi-crop")):
-        c = cams[v]
-        for i in range(n):
-            rows.append({"variant": v, "crops": mode, "index": i,
-                         "id": str(c["ids"][i]) if "ids" in c else str(i),
-                         "class_name": str(c["class_names"][i]) if "class_names" in c else "",
-                         "cam_mean": float(c["cams"][i].mean()), "cam_max": float(c["cams"][i].max())})  # fmt: skip
-    data = pd.DataFrame(rows)
-    with sns.axes_style("white"):
-        fig = Figure(figsize=(2.0 * n, 6.3), layout="constrained")
-        axes = fig.subplots(3, n, squeeze=False)
-    for i in range(n):
-        img = cams[two]["images"][i]
-        h, w = img.shape[:2]
-        axes[0][i].imshow(img)
-        axes[0][i].set_title(data.class_name.iloc[i] or data.id.iloc[i], fontsize=7)
-        for r, v in ((1, two), (2, multi)):
-            axes[r][i].imshow(cams[v]["images"][i])
-            axes[r][i].imshow(cams[v]["cams"][i], cmap="jet", alpha=0.5, extent=(0, w, h, 0), interpolation="bilinear")
-    for r, label in enumerate(["image", f"two-crop ({two})", f"multi-crop ({multi})"]):
-        axes[r][0].set_ylabel(label, fontsize=8)
-    for ax in np.ravel(axes):
-        ax.set_xticks([])
-        ax.set_yticks([])
-    paths = _save(fig, data, out_dir, "fig6")
-    return FigureResult("fig6", paths, data)
-
+# ------------------------------------------------------------------------------------------- Figures 5-6
+# Built in analysis/figures_sec4.py (which imports this module's helpers at call time); re-exported here so
+# `from analysis.figures import fig5` and `F.load_cams` keep working.
+from analysis.figures_sec4 import (  # noqa: E402, F401 - re-exports
+    MONITOR_METRICS,
+    cam_npz_path,
+    fig5,
+    fig5_enabled,
+    fig5_plan,
+    fig6,
+    fig6_enabled,
+    fig6_plan,
+    load_cams,
+    monitor_curves,
+)
 
 # ------------------------------------------------------------------------------------------------- MoCHi
 
@@ -632,10 +480,6 @@ def _mech_k(name: str) -> Callable[..., Any]:
     return call
 
 
-def _fig6_enabled(c: Mapping, rs: Mapping) -> bool:
-    return _cam_target(c, rs) is not None and None not in _fig6_variants(c, rs)
-
-
 FIGURES: dict[str, FigureSpec] = {
     "fig1": FigureSpec(fig1, lambda c, r, rs: [], lambda c, rs: True, T.SEC3, "Fig. 1: IoU between views"),
     "fig2": FigureSpec(fig2, fig2_plan, _has_targets("fig2"), T.SEC3, "Fig. 2: transfer vs IoU ceiling"),
@@ -643,8 +487,8 @@ FIGURES: dict[str, FigureSpec] = {
                        "Fig. 3: training curves per IoU ceiling"),
     "fig4": FigureSpec(fig4, fig4_plan, lambda c, rs: bool(rs["fig4"].get("image") or _fig4_dataset(c, rs)),
                        T.SEC4, "Fig. 4: constrained multi-crop"),
-    "fig5": FigureSpec(fig5, fig5_plan, _has_targets("fig5"), T.SEC4, "Fig. 5: transfer vs training time"),
-    "fig6": FigureSpec(fig6, fig6_plan, _fig6_enabled, T.SEC4, "Fig. 6: CAMs two-crop vs multi-crop"),
+    "fig5": FigureSpec(fig5, fig5_plan, fig5_enabled, T.SEC4, "Fig. 5: monitored accuracy vs training time"),
+    "fig6": FigureSpec(fig6, fig6_plan, fig6_enabled, T.SEC4, "Fig. 6: CAMs two-crop vs multi-crop"),
     "mochi": FigureSpec(fig_mochi, mochi_plan, lambda c, rs: T.has_experiment(c, rs["embedding_stats"]["experiment"]),
                         T.MOCHI, "MoCHi: alignment, uniformity, false negatives"),
     "mechanism_k": FigureSpec(_mech_k("figure"), _mech_k("plan"), _mech_k("enabled"), "MoCo mechanism",

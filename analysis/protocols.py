@@ -615,3 +615,31 @@ def class_activation_maps(maps: torch.Tensor, weight: torch.Tensor, class_idx: S
     lo = cam.flatten(1).min(1).values[:, None, None]
     hi = cam.flatten(1).max(1).values[:, None, None]
     return ((cam - lo) / (hi - lo).clamp_min(1e-12)).numpy()
+
+
+def one_image_per_class(ids: Sequence[str], labels: np.ndarray, n: int, n_classes: int | None = None) -> list[int]:
+    """Indices of one image per class for the CAM figure, class by class (the paper's Fig. 6 shows one object
+    class per column): for the first ``n`` classes in class-index order that have an image, the image whose id
+    sorts first among that class's images not yet picked. Picking by class rather than by file order keeps a
+    split stored class by class from filling every column with its first class.
+
+    ``labels``: (N,) class indices, or (N, C) {0, 1} for multi-label splits (an image counts for each of its
+    classes but is picked once).
+    """
+    labels = np.asarray(labels)
+    if len(ids) != len(labels):
+        raise ValueError(f"{len(ids)} ids but {len(labels)} labels")
+    if labels.ndim == 2:
+        member = labels > 0
+    else:
+        c = int(n_classes if n_classes is not None else (labels.max() + 1 if labels.size else 0))
+        member = labels[:, None] == np.arange(c)[None, :]
+    order = sorted(range(len(ids)), key=lambda i: str(ids[i]))
+    picked: list[int] = []
+    for c in range(member.shape[1]):
+        if len(picked) >= n:
+            break
+        hit = next((i for i in order if member[i, c] and i not in picked), None)
+        if hit is not None:
+            picked.append(hit)
+    return picked

@@ -86,7 +86,11 @@ PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
         # its void mask is empty; "exclude" leaves void pixels out of J and F instead (a deviation, opt-in)
         "void": "background",
     },
-    "cam": {**_LINEAR, "images": None, "n_images": 8, "cam_class": "predicted", "cam_out": None},
+    # CAMs: one test image per class for the first `n_images` classes (or the listed `images`), every feature
+    # at `cam_size` ("auto": the smallest size >= image_size whose layer4 map is >= cam_min_map on a side, 224
+    # on a stride-32 ResNet as in the paper; an int; null: image_size); see _run_cam
+    "cam": {**_LINEAR, "images": None, "n_images": 10, "cam_size": "auto", "cam_min_map": 7, "cam_class": "predicted",
+            "cam_out": None},
 }  # fmt: skip
 PRIMARY_METRIC = {
     "linear": None,  # top1 or mAP, by label type
@@ -280,8 +284,9 @@ def _run_davis(ext: FeatureExtractor, name: str, cfg: Mapping[str, Any], s: dict
 
 
 def _select_images(split: ImageSplit, images: Sequence[Any] | None, n: int) -> list[int]:
+    """The listed ``images`` (indices or file names), else one image per class (``one_image_per_class``)."""
     if not images:
-        return list(range(min(n, len(split))))
+        return protocols.one_image_per_class(split.ids, split.labels, n, len(split.classes))
     out = []
     for item in images:
         if isinstance(item, int):
@@ -300,11 +305,46 @@ def _select_images(split: ImageSplit, images: Sequence[Any] | None, n: int) -> l
     return out
 
 
+def _label_names(split: ImageSplit, idx: Sequence[int]) -> list[str]:
+    """True label per image: the class name, or the '+'-joined names of a multi-label image's classes."""
+    if split.multilabel:
+        return ["+".join(split.classes[c] for c in np.flatnonzero(split.labels[i] > 0)) for i in idx]
+    return [split.classes[int(split.labels[i])] for i in idx]
+
+
+def _cam_size(ext: FeatureExtractor, s: Mapping[str, Any], name: str) -> int:
+    """The CAM protocol's input size (see ``_run_cam``)."""
+    cam_size, image_size = s["cam_size"], int(s["image_size"])
+    if cam_size is None:
+        return image_size
+    if cam_size == "auto":
+        stride = ext.network(FeatureSpec(pooled=False, layer="layer4"))[1]
+        return max(image_size, int(s["cam_min_map"]) * stride)
+    if isinstance(cam_size, bool) or not isinstance(cam_size, int) or cam_size < 1:
+        raise TargetError(f"target {name!r}: cam_size must be 'auto', a positive int or null, got {cam_size!r}")
+    return cam_size
+
+
 def _run_cam(
     ext: FeatureExtractor, name: str, cfg: Mapping[str, Any], s: dict, out: Path | None
 ) -> tuple[dict, int, int]:
+    """Class activation maps (Zhou et al. 2016) of a linear probe on frozen features, as in the paper's Fig. 6.
+
+    Images: one test image per class (the first ``n_images`` classes) unless ``images`` lists them. Size: every
+    feature of this protocol (the probe's train features, its test accuracy, the per-image predictions and the
+    layer4 maps) is computed at ``cam_size``, Resize(cam_size * resize_ratio) -> CenterCrop(cam_size), which
+    upsamples small images bilinearly. A CAM weights the layer4 maps with the probe's weights, so it is the
+    probe's own logit map only when the probe was fitted on the average of maps computed the same way: a probe
+    fitted at ``image_size`` would be applied to features of another scale. ``cam_size: auto`` picks the
+    smallest size >= ``image_size`` that gives maps of at least ``cam_min_map`` (7, the paper's) on a side for
+    the checkpoint's output stride: 224 for 64 px images on a standard ResNet (whose map would be 2 x 2), 64 on
+    a small-input stem of stride 8 (8 x 8); an int is used as is, ``null`` means ``image_size``. The cost: both splits are extracted
+    once per checkpoint at that size (cached). The npz holds the images as the network saw them, the maps, and
+    per image the id, true label (``class_names``) and prediction (``pred_names``).
+    """
     train, test = _image_splits(name, cfg)
-    pooled = _pooled_spec(s)
+    size = _cam_size(ext, s, name)
+    pooled = _pooled_spec({**s, "image_size": size})
     xtr, xte = ext.get(train, pooled)["features"].float(), ext.get(test, pooled)["features"].float()
     probe = protocols.train_linear_probe(
         xtr, _labels(train), len(train.classes), multilabel=train.multilabel, wd_grid=s["wd_grid"],
@@ -320,10 +360,15 @@ def _run_cam(
         mean=pooled.mean, std=pooled.std,
     )  # fmt: skip
     maps = ext.get(sub, spatial)["features"].float()
+    map_hw = [int(v) for v in maps.shape[-2:]]
+    if min(map_hw) < int(s["cam_min_map"]):
+        log.warning("target %s: CAMs are %dx%d at cam_size %d, smaller than cam_min_map %d (the paper's are 7x7); "
+                    "use cam_size: auto", name, *map_hw, size, int(s["cam_min_map"]))  # fmt: skip
     with torch.no_grad():
-        logits = probe.logits(maps.mean((2, 3))).cpu()
+        logits = probe.logits(maps.mean((2, 3))).cpu()  # = the pooled feature at the same spec
+    pred = logits.argmax(1).tolist()
     if s["cam_class"] == "predicted" or train.multilabel:
-        cls = logits.argmax(1).tolist()
+        cls = pred
     elif s["cam_class"] == "label":
         cls = [int(v) for v in test.labels[idx]]
     else:
@@ -333,14 +378,15 @@ def _run_cam(
     cams = protocols.class_activation_maps(maps, probe.effective_weight, cls)
     crop = spatial.transform().transforms[:2]
     pixels = np.stack([np.asarray(crop[1](crop[0](sub.load(j)))) for j in range(len(sub))])
+    true_names, pred_names = _label_names(test, idx), [train.classes[c] for c in pred]
     cam_path = Path(s["cam_out"]) if s["cam_out"] else (out.with_suffix(".cam.npz") if out else None)
     if cam_path is not None:
         cam_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = cam_path.with_name(cam_path.name + ".tmp.npz")
         np.savez_compressed(
             tmp, cams=cams.astype(np.float32), images=pixels.astype(np.uint8), class_idx=np.asarray(cls),
-            class_names=np.asarray([train.classes[c] for c in cls]), ids=np.asarray(sub.ids),
-            labels=np.asarray(test.labels[idx]),
+            ids=np.asarray(sub.ids), labels=np.asarray(test.labels[idx]), class_names=np.asarray(true_names),
+            pred_idx=np.asarray(pred), pred_names=np.asarray(pred_names),
         )  # fmt: skip
         os.replace(tmp, cam_path)
     with torch.no_grad():
@@ -353,7 +399,8 @@ def _run_cam(
         **value,
         "n_maps": len(idx),
         "settings": {"weight_decay": probe.weight_decay, "images": [sub.ids[j] for j in range(len(sub))],
-                     "cam_file": str(cam_path) if cam_path else None},
+                     "cam_size": size, "cam_map_shape": map_hw, "true_names": true_names,
+                     "pred_names": pred_names, "cam_file": str(cam_path) if cam_path else None},
     }  # fmt: skip
     return res, len(train), len(test)
 

@@ -248,7 +248,8 @@ def test_cli_classification_protocols(tmp_path, ckpt, ckpt_std, imagefolder, voc
     cam_cfg = {**base, "image_size": 16, "protocol": "cam", "images": [0, "blue_1.jpg"], "max_iter": 20}
     cam, out = _cli(tmp_path, ckpt, "toy_cam", cam_cfg)
     maps = np.load(out.with_suffix(".cam.npz"))
-    assert maps["cams"].shape == (2, 2, 2) and maps["images"].shape == (2, 16, 16, 3)
+    # CAMs at the input size whose layer4 map is >= 7 x 7 (cam_size: auto), as the paper's 224 px figures
+    assert maps["cams"].shape == (2, 7, 7) and maps["images"].shape == (2, 56, 56, 3)
     assert maps["ids"][1].endswith("blue_1.jpg")
 
 

@@ -145,18 +145,70 @@ def test_fig4_constrained_crops_on_subset_image(tmp_path):
     assert (small.height * small.width / (120 * 160)).between(0.04, 0.15).all()
 
 
-def test_fig5_time_from_benchmarks(tmp_path):
+def monitored_run(res: Path, d: str, v: str, rows: list[tuple], **extra_cols) -> Path:
+    """A metrics.csv in the trainer's contract: step, loss, wall_s and the monitor columns (None = not run)."""
+    m = pd.DataFrame(rows, columns=["step", "wall_s", "mon_knn_top1", "mon_view_top1"])
+    m.insert(1, "loss", np.linspace(8.0, 6.0, len(m)))
+    for k, col in extra_cols.items():
+        m[k] = col
+    path = T.metrics_path(res, d, v)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    m.to_csv(path, index=False)
+    return path
+
+
+RUNS = {  # (step, wall_s, knn, view); rows out of order (a resumed run appends), monitor cells empty between
+    "moco_v2": [(20, 120.0, 30.0, 60.0), (0, 0.0, 10.0, 5.0), (10, 60.0, None, None), (15, 90.0, 25.0, None)],
+    "mc": [(0, 0.0, 10.0, 4.0), (10, 90.0, 28.0, 50.0), (20, 180.0, 40.0, 70.0)],
+    "cc": [(0, 0.0, 11.0, 6.0), (5, 45.0, None, None), (20, 210.0, 42.0, 75.0)],
+}
+
+
+def test_fig5_monitor_curves_against_wall_time(tmp_path):
     res_dir = tmp_path / "results"
-    for v, (x, s) in {"moco_v2": (0.5, 600.0), "mc": (0.58, 900.0), "cc": (0.6, 960.0)}.items():
-        transfer(res_dir, "syn_coco", v, "syn_cls_linear", x)
-        bench = T.benchmark_path(res_dir, "syn_coco", v)
-        bench.parent.mkdir(parents=True, exist_ok=True)
-        bench.write_text(f"s\th:m:s\tmax_rss\n{s}\t0:10:00\t100\n")
+    for v, rows in RUNS.items():
+        monitored_run(res_dir, "syn_coco", v, rows)
     res = F.build_figures(make_config(), res_dir, tmp_path / "fig", only=["fig5"])["fig5"]
     check_files(res)
-    got = {r.variant: (r.crops, r.train_minutes, r.value) for r in res.data.itertuples()}
-    assert got == {"moco_v2": ("two-crop", 10.0, pytest.approx(50.0)), "mc": ("multi-crop", 15.0, pytest.approx(58.0)),
-                   "cc": ("multi-crop", 16.0, pytest.approx(60.0))}  # fmt: skip
+    d = res.data
+    assert set(d.metric) == {"mon_knn_top1", "mon_view_top1"}
+    assert {v: c for v, c in zip(d.variant, d.crops, strict=True)} == {"moco_v2": "two-crop", "mc": "multi-crop",
+                                                                       "cc": "multi-crop"}  # fmt: skip
+    for v, rows in RUNS.items():
+        for j, metric in ((2, "mon_knn_top1"), (3, "mon_view_top1")):
+            want = sorted((r[1], r[j]) for r in rows if r[j] is not None)  # NaN rows dropped, by wall time
+            sub = d[(d.variant == v) & (d.metric == metric)]
+            assert list(zip(sub.wall_s, sub.value, strict=True)) == want
+            assert sub.minutes.tolist() == pytest.approx([w / 60.0 for w, _ in want])
+            assert sub.step.is_monotonic_increasing
+    # the CSV beside the figure holds exactly the curve points
+    csv = pd.read_csv(tmp_path / "fig" / "fig5_time_vs_transfer.csv")
+    assert len(csv) == len(d) == 15 and csv.value.tolist() == pytest.approx(d.value.tolist())
+
+
+def test_fig5_inputs_are_the_checkpoints_whose_jobs_write_the_metrics(tmp_path):
+    # metrics.csv is not a declared output (Snakemake would delete it when a job fails, losing the history a
+    # resumed run continues): the checkpoint, written last by the same job, stands for it
+    ins = F.figure_inputs(make_config(), "results", ["fig5"])
+    assert sorted(ins) == sorted(str(T.checkpoint_path("results", "syn_coco", v)) for v in ("moco_v2", "mc", "cc"))
+
+
+def test_fig5_run_without_monitors_names_the_file_and_the_fix(tmp_path):
+    res_dir = tmp_path / "results"
+    for v, rows in RUNS.items():
+        monitored_run(res_dir, "syn_coco", v, rows)
+    old = T.metrics_path(res_dir, "syn_coco", "mc")
+    pd.DataFrame({"step": [0, 10], "epoch": [0.0, 1.0], "loss": [8.0, 7.0]}).to_csv(old, index=False)
+    with pytest.raises(T.ReportConfigError, match=r"(?s)mc/metrics\.csv.*mon_knn_top1.*monitor\.every.*--forcerun"):
+        F.build_figures(make_config(), res_dir, tmp_path / "fig", only=["fig5"])
+    # columns present but never filled: the monitors were off
+    monitored_run(res_dir, "syn_coco", "mc", [(0, 0.0, None, None), (10, 60.0, None, None)])
+    with pytest.raises(T.ReportConfigError, match=r"mc/metrics\.csv has the monitor columns but no monitored row"):
+        F.build_figures(make_config(), res_dir, tmp_path / "fig", only=["fig5"])
+    # a missing file names the pretrain target that writes it
+    old.unlink()
+    with pytest.raises(T.MissingResultError, match="mc/checkpoint.pt"):
+        F.build_figures(make_config(), res_dir, tmp_path / "fig", only=["fig5"])
 
 
 def test_fig6_cam_grid_from_npz(tmp_path):
@@ -177,6 +229,29 @@ def test_fig6_cam_grid_from_npz(tmp_path):
         assert (sub.crops == mode).all() and sub.id.tolist() == ["a", "b"]
         assert sub.cam_mean.tolist() == pytest.approx(cams[v][:2].mean(axis=(1, 2)).tolist())
         assert sub.cam_max.tolist() == pytest.approx(cams[v][:2].max(axis=(1, 2)).tolist())
+        # a file of the earlier protocol has no predictions: drawn without them
+        assert (sub.pred_name == "").all() and sub.correct.isna().all()
+
+
+def test_fig6_one_image_per_class_with_true_and_predicted_labels(tmp_path):
+    res_dir = tmp_path / "results"
+    rng = np.random.default_rng(2)
+    true = np.array(["cat", "dog", "fox"])
+    preds = {"moco_v2": np.array(["cat", "cat", "fox"]), "mc": np.array(["cat", "dog", "fox"])}
+    for v in ("moco_v2", "mc"):
+        out = T.transfer_path(res_dir, "syn_coco", v, "syn_cams")
+        transfer(res_dir, "syn_coco", v, "syn_cams", 0.5)
+        np.savez(out.with_suffix(".cam.npz"), images=rng.integers(0, 255, (3, 56, 56, 3), dtype=np.uint8),
+                 cams=rng.random((3, 7, 7)).astype(np.float32), ids=np.array(["cat/0", "dog/0", "fox/0"]),
+                 class_names=true, pred_names=preds[v])  # fmt: skip
+    res = F.build_figures(make_config(fig6={"n_images": 10}), res_dir, tmp_path / "fig", only=["fig6"])["fig6"]
+    check_files(res)
+    d = res.data
+    assert len(d) == 6 and (d.cam_h == 7).all() and (d.cam_w == 7).all()
+    for v in ("moco_v2", "mc"):
+        sub = d[d.variant == v]
+        assert sub.class_name.tolist() == true.tolist() and sub.pred_name.tolist() == preds[v].tolist()
+        assert sub.correct.tolist() == (preds[v] == true).tolist()
 
 
 def test_fig6_missing_npz_draws_placeholder(tmp_path):
@@ -208,4 +283,5 @@ def test_enabled_figures_and_inputs_follow_the_config(tmp_path):
     del cfg["experiments"]["iou"]["targets"]  # falls back to the config's targets: only a CAM one is left
     cfg["targets"] = {"syn_cams": TARGETS["syn_cams"]}
     cfg["experiments"]["invariances"]["targets"] = ["syn_cams"]
-    assert F.enabled_figures(cfg) == ["fig1", "fig3", "fig4", "fig6", "mochi"]
+    # fig5 reads the runs' own monitors, not transfer results: still drawn
+    assert F.enabled_figures(cfg) == ["fig1", "fig3", "fig4", "fig5", "fig6", "mochi"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from analysis import protocols
-from analysis.targets import VOC_SEG_CLASSES
+from analysis.targets import VOC_SEG_CLASSES, TargetError
 
 
 def _blobs(n_per, n_classes, dim, seed, spread=0.3):
@@ -299,3 +299,76 @@ def test_cam_peaks_where_the_weighted_channel_fires():
     assert np.unravel_index(cams[0].argmax(), (4, 4)) == (1, 2)
     assert np.unravel_index(cams[1].argmax(), (4, 4)) == (3, 0)
     assert cams.min() == 0.0 and cams.max() == 1.0
+
+
+def test_one_image_per_class_takes_the_first_id_of_each_class():
+    ids = ["b/3.jpg", "a/2.jpg", "a/1.jpg", "c/9.jpg", "b/0.jpg", "a/0.jpg"]
+    labels = np.array([1, 0, 0, 2, 1, 0])
+    assert protocols.one_image_per_class(ids, labels, 10) == [5, 4, 3]  # a/0, b/0, c/9: class order
+    assert protocols.one_image_per_class(ids, labels, 2) == [5, 4]
+    # a class without a test image is skipped, the next one fills its column
+    assert protocols.one_image_per_class(ids, labels, 2, n_classes=4) == [5, 4]
+    assert protocols.one_image_per_class(ids, np.array([0, 0, 0, 3, 0, 0]), 3, n_classes=4) == [5, 3]
+    # multi-label: an image counts for each of its classes but is shown once
+    multi = np.array([[1, 1], [1, 0], [0, 1]], np.int8)
+    assert protocols.one_image_per_class(["x0", "x1", "x2"], multi, 5) == [0, 2]
+
+
+def _cam_world(root, n_train=2, n_val=2):
+    """Three colour classes on 40 px images; val files written in reverse name order."""
+    from PIL import Image
+
+    colours = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c, col in colours.items():
+            for i in reversed(range(n)):
+                arr = np.clip(np.asarray(col)[None, None] + rng.integers(-30, 30, (40, 40, 3)), 0, 255)
+                path = root / split / c / f"{c}_{i}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(arr.astype(np.uint8)).save(path)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cam_setup(tmp_path_factory):
+    import torchvision
+
+    tmp = tmp_path_factory.mktemp("cam")
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None)  # standard stem: stride 32, 2 x 2 maps at 64 px
+    net.fc = torch.nn.Identity()
+    ckpt = tmp / "checkpoint.pt"
+    torch.save({"backbone": net.state_dict(), "arch": "resnet18", "small_input": False, "feat_dim": 512}, ckpt)
+    return ckpt, _cam_world(tmp / "cls"), tmp
+
+
+def test_cam_protocol_one_image_per_class_at_7x7_with_predictions(cam_setup):
+    from analysis import transfer
+
+    ckpt, root, tmp = cam_setup
+    cfg = {"protocol": "cam", "format": "imagefolder", "root": str(root), "image_size": 64, "max_iter": 30,
+           "wd_grid": [1e-3]}  # fmt: skip
+    out = tmp / "transfer" / "syn_cams.json"
+    res = transfer.run_target(ckpt, "syn_cams", cfg, tmp / "features", device="cpu", out=out, progress=False)
+    s = res["settings"]
+    assert s["cam_size"] == 224 and s["cam_map_shape"] == [7, 7] and res["metrics"]["n_maps"] == 3
+    with np.load(out.with_suffix(".cam.npz")) as z:
+        assert z["cams"].shape == (3, 7, 7) and z["images"].shape == (3, 224, 224, 3)
+        assert [str(i).split("/")[-1] for i in z["ids"]] == ["blue_0.jpg", "green_0.jpg", "red_0.jpg"]
+        assert z["class_names"].tolist() == ["blue", "green", "red"]  # the true labels, one class per image
+        assert len(z["pred_names"]) == 3 and set(z["pred_names"]) <= {"blue", "green", "red"}
+        assert z["pred_names"].tolist() == s["pred_names"] and z["class_names"].tolist() == s["true_names"]
+        assert z["cams"].min() == 0.0 and z["cams"].max() == 1.0
+    # cam_size: null falls back to image_size (the old 2 x 2 maps), with n_images classes only
+    out2 = tmp / "transfer" / "small.json"
+    res2 = transfer.run_target(ckpt, "syn_cams", {**cfg, "cam_size": None, "n_images": 2}, tmp / "features",
+                               device="cpu", out=out2, progress=False)  # fmt: skip
+    assert res2["settings"]["cam_size"] == 64 and res2["settings"]["cam_map_shape"] == [2, 2]
+    assert res2["settings"]["true_names"] == ["blue", "green"]
+    res3 = transfer.run_target(ckpt, "syn_cams", {**cfg, "cam_size": 96, "n_images": 1}, tmp / "features",
+                               device="cpu", out=tmp / "transfer" / "s96.json", progress=False)  # fmt: skip
+    assert res3["settings"]["cam_size"] == 96 and res3["settings"]["cam_map_shape"] == [3, 3]
+    with pytest.raises(TargetError, match="cam_size must be 'auto'"):
+        transfer.run_target(ckpt, "syn_cams", {**cfg, "cam_size": "big"}, tmp / "features", device="cpu",
+                            progress=False)  # fmt: skip
