@@ -343,8 +343,17 @@ def colour_generator(seed: int, step: int, rank: int = 0, device: Any = "cpu") -
 def device_views(batch: dict, device: torch.device, memory_format: torch.memory_format,
                  colour: BatchColour | None, seed: int, step: int, rank: int) -> list[torch.Tensor]:
     """The trainer's views for one step: with ``colour`` (``data.render: batched``) the uint8 views go to the
-    device first (4x fewer bytes than float) and get their colour there; otherwise they arrive normalised."""
-    views = [v.to(device, non_blocking=True) for v in batch["views"]]
+    device first (4x fewer bytes than float) and get their colour there; otherwise they arrive normalised.
+    A ``data.decode: device`` batch carries encoded images instead of views: they are decoded, cropped and
+    flipped on the device first (``study.decode.decode_crops``)."""
+    if "encoded" in batch:
+        if colour is None:
+            raise ValueError("a data.decode=device batch needs the colour stage (data.render=batched)")
+        from study.decode import decode_crops  # torchvision.io only where it is used
+
+        views = decode_crops(batch, colour.sizes, device)
+    else:
+        views = [v.to(device, non_blocking=True) for v in batch["views"]]
     if colour is not None:
         views = colour(views, colour_generator(seed, step, rank, device), batch.get("autoaug"))
     return [v.contiguous(memory_format=memory_format) for v in views]

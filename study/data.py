@@ -6,7 +6,10 @@ scaling (``Image.draft``) as far as the smallest box still covers its output siz
 PIL call (bilinear, antialiased), mirror flagged views, then (``render="pil"``) the per-view colour pipelines
 (``study.augment.view_pipelines``) to uint8, batches normalised to float once; or (``render="batched"``,
 ``data.render``) stop at uint8 pixels (A+ views that draw AutoAugment get it here, flagged in ``autoaug``) and
-leave colour and normalisation to ``study.colour.BatchColour`` on the training device.
+leave colour and normalisation to ``study.colour.BatchColour`` on the training device. With ``decode="device"``
+(``data.decode``, batched only, no A+) the workers stop before the pixels: they read the header, sample the
+same geometry, skip (and count) truncated JPEGs, and send the encoded bytes with the boxes and flips;
+``study.decode.decode_crops`` decodes and crops on the training device.
 
 Stream: ``iter(loader)`` gives an endless stream of batches (passes over the shards, reshuffled each pass), so
 a trainer just takes ``steps`` batches. With ``epoch_len`` each ``iter()`` yields exactly that many batches and
@@ -62,12 +65,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from data_prep.shards import ShardError, ShardIntegrityError, rebuild_command
-from study.augment import batch_normalizer, view_pipelines, worker_pipelines
+from study.augment import aug_settings, batch_normalizer, view_pipelines, worker_pipelines
 from study.crops import CropSpec, box_iou, crop_spec, sample_views
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 DRAFT_FACTORS = (8, 4, 2, 1)  # the DCT scalings libjpeg offers through PIL's draft()
 RENDERS = ("pil", "batched")  # data.render: where the colour augmentation runs (module docstring)
+DECODES = ("cpu", "device")  # data.decode: where the JPEGs are decoded and cropped (batched render only)
+JPEG_EOI = b"\xff\xd9"
 
 
 def check_render(render: Any) -> str:
@@ -75,6 +80,25 @@ def check_render(render: Any) -> str:
     if render not in RENDERS:
         raise ValueError(f"data.render must be one of {', '.join(RENDERS)}, got {render!r}")
     return str(render)
+
+
+def check_decode(decode: Any, render: str, aplus: bool) -> str:
+    """``decode`` if valid and compatible with ``render`` and A+, else a ValueError naming the keys."""
+    if decode not in DECODES:
+        raise ValueError(f"data.decode must be one of {', '.join(DECODES)}, got {decode!r}")
+    if decode == "device" and render != "batched":
+        raise ValueError(f"data.decode=device needs data.render=batched (the views are decoded and coloured on "
+                         f"the training device), got data.render={render}")
+    if decode == "device" and aplus:
+        raise ValueError("data.decode=device cannot run with aug.aplus=true: A+'s AutoAugment needs the PIL "
+                         "pixels in the loader workers; use data.decode=cpu")
+    return str(decode)
+
+
+def jpeg_complete(data: bytes) -> bool:
+    """Whether a JPEG's end-of-image marker is near its end: a truncated file (the common corruption, which PIL
+    rejects when it decodes) is caught without decoding. Some writers pad after the marker, hence the window."""
+    return data.rfind(JPEG_EOI) >= max(2, len(data) - 4096)
 
 
 class ShardDataError(ShardError):
@@ -253,9 +277,11 @@ class ShardStream(IterableDataset):
         interleave: int = 64,
         expected_counts: Mapping[str, int] | None = None,
         render: str = "pil",
+        decode: str = "cpu",
     ):
         super().__init__()
         self.render = check_render(render)
+        self.decode = check_decode(decode, self.render, bool(aug_settings(aug_cfg)["aplus"]))
         if interleave < 1:
             raise ValueError(f"interleave must be >= 1 (shards read at once per reader), got {interleave}")
         self.urls = list(urls)
@@ -295,9 +321,16 @@ class ShardStream(IterableDataset):
             img = Image.open(io.BytesIO(sample[ext]))  # lazy: reads the header only
             W, H = img.size
             boxes, flips, fell_back = sample_views(H, W, self.spec, rng)
-            img, s = draft_decode(img, boxes, self.sizes)
-            with trng:
-                views = views_from_image(img, boxes, self.sizes, flips, self.pipelines, scale=s)
+            if self.decode == "device":  # same draws as below; decode_crops does the pixels on the device
+                if img.format == "JPEG" and not jpeg_complete(sample[ext]):
+                    raise OSError("JPEG is truncated (no end-of-image marker)")
+                views = {"encoded": torch.frombuffer(bytearray(sample[ext]), dtype=torch.uint8),
+                         "jpeg": img.format == "JPEG", "boxes": torch.as_tensor(boxes, dtype=torch.float32),
+                         "flips": torch.as_tensor(flips, dtype=torch.bool), "size": (H, W)}
+            else:
+                img, s = draft_decode(img, boxes, self.sizes)
+                with trng:
+                    views = views_from_image(img, boxes, self.sizes, flips, self.pipelines, scale=s)
         except (OSError, ValueError, SyntaxError) as err:  # corrupt / truncated image: skip and count
             self.skipped += 1
             warnings.warn(
@@ -309,24 +342,36 @@ class ShardStream(IterableDataset):
         # realised key/query IoU of the source regions (what the two views show; logged by the trainer)
         iou = float(box_iou(boxes[0], boxes[1]))
         autoaug = None
-        if self.render == "batched":
+        if self.decode == "device":
+            autoaug = [False] * len(self.sizes)
+        elif self.render == "batched":
             views, autoaug = [v for v, _ in views], [bool(a) for _, a in views]
         return {"views": views, "autoaug": autoaug, "label": -1 if label is None else int(label), "fallback": int(fell_back),
-                "iou": iou, "key": key, "index": int(sample.get("__index__", -1))}
+                "iou": iou, "key": key, "index": int(sample.get("__index__", -1)), "url": sample.get("__url__", "?")}
 
     def _collate(self, samples: list[dict]) -> dict:
         views = []
         batched = self.render == "batched"
-        for v in range(len(self.sizes)):
+        extra: dict[str, Any] = {}
+        if self.decode == "device":  # one packed byte buffer: one shared-memory tensor per batch, not B
+            enc = [s["views"]["encoded"] for s in samples]
+            extra = {"encoded": torch.cat(enc),
+                     "offsets": torch.tensor([0, *itertools.accumulate(len(e) for e in enc)], dtype=torch.long),
+                     "jpeg": torch.tensor([s["views"]["jpeg"] for s in samples], dtype=torch.bool),
+                     "boxes": torch.stack([s["views"]["boxes"] for s in samples]),
+                     "flips": torch.stack([s["views"]["flips"] for s in samples]),
+                     "size": torch.tensor([s["views"]["size"] for s in samples], dtype=torch.long),
+                     "url": [s["url"] for s in samples]}
+        for v in range(len(self.sizes) if self.decode == "cpu" else 0):
             x = torch.stack([s["views"][v] for s in samples])
             views.append(self.normalize(x) if x.dtype == torch.uint8 and not batched else x)
-        extra = {}
         if batched:
             extra["autoaug"] = [torch.tensor([s["autoaug"][v] for s in samples], dtype=torch.bool)
                                 for v in range(len(self.sizes))]
+        if self.decode == "cpu":
+            extra["views"] = views
         return {
             **extra,
-            "views": views,
             "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
             "fallbacks": torch.tensor([s["fallback"] for s in samples], dtype=torch.long),
             "iou": torch.tensor([s["iou"] for s in samples], dtype=torch.float64),
@@ -481,6 +526,7 @@ def make_loader(
     interleave: int = 64,
     expected_counts: Mapping[str, int] | None = None,
     render: str = "pil",
+    decode: str = "cpu",
 ) -> ShardLoader:
     """Batches of ``{views: [Tensor(B,3,S_v,S_v)], label: LongTensor(B), fallbacks: LongTensor(B), iou, key, index}``; ``index``: LongTensor(B), each sample's position in the manifest order (-1 without counts).
 
@@ -496,8 +542,12 @@ def make_loader(
     ``render`` (``data.render``): ``"pil"`` gives float32 normalised views with all colour augmentation done;
     ``"batched"`` gives uint8 views (crop, resize, flip only) plus ``autoaug``: per view a bool (B,) of the
     samples A+ AutoAugmented in the worker; apply ``study.colour.BatchColour`` on the training device.
+    ``decode`` (``data.decode``): ``"device"`` (batched only, no A+) gives no ``views`` but the packed encoded
+    images (``encoded``, ``offsets``, ``jpeg``, ``size``, ``url``) and the geometry (``boxes`` (B, V, 4) float
+    source pixels, ``flips`` (B, V)); ``study.colour.device_views`` decodes them with ``study.decode``.
     """
     render = check_render(render)
+    check_decode(decode, render, bool(aug_settings(aug_cfg)["aplus"]))
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
     if epoch_len is not None and epoch_len < 1:
@@ -511,6 +561,6 @@ def make_loader(
             stacklevel=2,
         )
     dataset = ShardStream(
-        urls, crop_cfg, aug_cfg, batch_size, seed, shuffle_buffer, interleave, expected_counts, render
+        urls, crop_cfg, aug_cfg, batch_size, seed, shuffle_buffer, interleave, expected_counts, render, decode
     )
     return ShardLoader(dataset, num_workers, epoch_len, start_epoch)

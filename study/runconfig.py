@@ -33,7 +33,8 @@ from study.runstate import RunError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 NEUTRAL_KEYS = ("out_dir", "progress", "log_every", "ckpt_every", "data.shards", "guard", "monitor")
-EXECUTION_KEYS = ("num_workers", "device", "precision", "channels_last", "compile", "data.render")
+EXECUTION_KEYS = ("num_workers", "device", "precision", "channels_last", "compile", "data.render",
+                  "data.decode")
 # The IoU-ceiling estimate: pairs sampled at a typical (ImageNet-like) image size; more fallbacks than this fail.
 # The sampler (rejection, then conditional placement) holds any attainable ceiling on all but < 0.1 % of pairs,
 # so a fallback here means the ceiling is unattainable for the crop sizes, and 1 % is a clear signal.
@@ -148,6 +149,7 @@ RULES: tuple[Rule, ...] = (
     Rule("data.shuffle_buffer", "int", lo=1),
     Rule("data.interleave", "int", lo=1),
     Rule("data.render", "choice", choices=("pil", "batched"), hint="where the colour augmentation runs"),
+    Rule("data.decode", "choice", choices=("cpu", "device"), hint="where the JPEGs are decoded and cropped"),
     Rule("optim.lr", "float", lo=0, open_lo=True),
     Rule("optim.momentum", "float", lo=0, hi=1, open_hi=True),
     Rule("optim.weight_decay", "float", lo=0),
@@ -259,6 +261,13 @@ def _cross_checks(c: Mapping[str, Any], world: int) -> list[str]:
     if training and mechanism == "queue" and K % gb:
         errs.append(f"moco.K={K}: must be a multiple of the global batch {gb} (batch_size={B} x {world} "
                     f"process(es)), since MoCo enqueues whole batches; use moco.K={_nearest_multiples(K, gb)}")
+    if _get(c, "data.decode", "cpu") == "device":
+        if _get(c, "data.render", "pil") != "batched":
+            errs.append(f"data.decode=device needs data.render=batched (decode and colour on the device), got "
+                        f"data.render={_get(c, 'data.render', 'pil')}")
+        if _get(c, "aug.aplus", False):
+            errs.append("data.decode=device cannot run with aug.aplus=true (A+'s AutoAugment needs PIL pixels "
+                        "in the loader workers); use data.decode=cpu")
     if _get(c, "knn.enabled", False) and int(_get(c, "knn.k", 1)) > K:
         errs.append(f"knn.k={_get(c, 'knn.k')}: must be <= moco.K={K} (neighbours are mined in the queue)")
     if _get(c, "mochi.enabled", False):

@@ -332,6 +332,7 @@ class BatchStream:
             shuffle_buffer=int(cfg.data.shuffle_buffer),
             interleave=int(cfg.data.get("interleave", 64)),
             render=str(cfg.data.get("render", "pil")),  # batched: colour on the device in _run_steps
+            decode=str(cfg.data.get("decode", "cpu")),  # device: JPEG decode + crop on the device too
             expected_counts=manifest_counts(cfg.data.shards),  # a shard yielding fewer samples stops the run
         )
         self.it: Any = None
