@@ -25,7 +25,6 @@ monitors ends with the same weights as one without.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -101,16 +100,21 @@ class OnlineMonitor:
     """Held-out images loaded once; ``__call__(model)`` returns the monitor columns of one ``metrics.csv`` row."""
 
     def __init__(self, spec: MonitorSpec, crop_cfg: Any, aug_cfg: Any, device: torch.device):
-        from analysis.targets import (  # the transfer stage's readers: same files, same labels
-            ImageSplit,
-            load_split,
-        )
+        # the transfer stage's readers: same files, same labels
+        from analysis.targets import ImageSplit, TargetError, load_split
         from study.augment import aug_settings, standard_pipeline
 
         self.spec, self.device = spec, device
+        log.info("monitor: reading up to %d + %d images of %s", spec.n_train, spec.n_val, spec.target["root"])
         splits = {}
         for role in ("train", "test"):
-            split = load_split("monitor", spec.target, role)
+            try:
+                split = load_split("monitor", spec.target, role)
+            except TargetError as exc:  # the reader names the path; the fix is a monitor key
+                raise MonitorConfigError(
+                    f"monitor.root / monitor.format: {exc}. Point monitor.root at a labelled split (in a study "
+                    "config: pretrain.monitor.target names a `targets:` entry), or set monitor.every=0"
+                ) from None
             if not isinstance(split, ImageSplit) or split.multilabel:
                 raise MonitorConfigError(
                     f"monitor.format={spec.target['format']}: the kNN monitor needs a single-label classification "
@@ -181,7 +185,3 @@ class OnlineMonitor:
         return {"mon_knn_top1": round(knn, 3), "mon_view_top1": round(view, 3),
                 "mon_s": round(time.perf_counter() - t0, 3)}
 
-
-def chance(n_classes: int) -> float:
-    """kNN top-1 (%) of a classifier that ignores the image (balanced classes)."""
-    return 100.0 / max(1, n_classes) if n_classes else math.nan

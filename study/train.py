@@ -51,7 +51,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from data_prep.shards import ShardError, load_manifest, manifest_counts, verify_shards
-from study.monitor import MONITOR_FIELDS, OnlineMonitor, monitor_spec
+from study.monitor import MONITOR_FIELDS, MonitorConfigError, OnlineMonitor, monitor_spec
 from study.runconfig import (
     ConfigError,
     compose_config,
@@ -678,7 +678,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from study.moco import MoCoConfigError
     from study.models import CheckpointError
 
-    return (RunError, MoCoConfigError, CropConfigError, AugConfigError, CheckpointError, ShardError)
+    return (RunError, MoCoConfigError, CropConfigError, AugConfigError, CheckpointError, ShardError,
+            MonitorConfigError)
 
 
 def _log_to_file(message: str) -> None:

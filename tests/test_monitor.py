@@ -185,3 +185,14 @@ def test_monitor_every_must_fill_logged_rows(tmp_path, shard_dir, folder):
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert "monitor.every=3: must be a multiple of log_every=2" in res.stdout + res.stderr
+
+
+def test_missing_monitor_root_is_one_line_naming_the_key(tmp_path, shard_dir):
+    cmd = [sys.executable, "-m", "study.train", "model.width=8", "crop.size=24", "crop.small_size=16", "batch_size=8",
+           "moco.K=32", "num_workers=0", "progress=false", "max_steps=2", "log_every=1", "monitor.every=1",
+           f"monitor.root={tmp_path / 'no_such_split'}", f"data.shards={shard_dir}", f"out_dir={tmp_path / 'run'}"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "monitor.root" in out and "no_such_split" in out and "monitor.every=0" in out
+    assert "Traceback" not in out
