@@ -353,8 +353,14 @@ def _muted(rng: np.random.Generator) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.05, 0.35), rng.uniform(0.3, 0.85)))
 
 
-def render_background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
-    """A float (H, W, 3) background drawn from BACKGROUNDS with a muted palette (objects stay salient)."""
+def render_background(rng: np.random.Generator, width: int, height: int, pool: int = 0) -> np.ndarray:
+    """A float (H, W, 3) background drawn from BACKGROUNDS with a muted palette (objects stay salient).
+
+    ``pool`` > 0 draws one of ``pool`` shared backgrounds (the same ones in every dataset), so a background
+    no longer identifies its image and the instance task has to look at the object.
+    """
+    if pool:
+        rng = np.random.default_rng([0x6B67, int(rng.integers(pool))])
     kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     c1, c2 = _muted(rng), _muted(rng)
     seed = int(rng.integers(2**31))
@@ -498,9 +504,9 @@ def _finish(img: np.ndarray, rng: np.random.Generator, noise: float = 0.015) -> 
 
 def render_centric(rng: np.random.Generator, label: int, width: int, height: int,
                    scale: tuple[float, float] = (0.55, 0.85), jitter: float = 0.08,
-                   colours: str = "class") -> Rendered:
+                   colours: str = "class", backgrounds: int = 0) -> Rendered:
     """ImageNet-like image: one large, roughly centred object of catalogue class ``label``."""
-    img = render_background(rng, width, height)
+    img = render_background(rng, width, height, backgrounds)
     s = min(width, height)
     obj = _Placed.sample(rng, label, 0.5 * s * rng.uniform(*scale), colours=colours)
     cx = width / 2 + jitter * width * rng.uniform(-1, 1)
@@ -516,14 +522,14 @@ def render_centric(rng: np.random.Generator, label: int, width: int, height: int
 def render_scene(rng: np.random.Generator, width: int, height: int, classes: Sequence[int], n_objects: int,
                  scale: tuple[float, float], probs: Sequence[float] | None = None, min_visible: float = 0.5,
                  hole_free: bool = False, min_area: int = 6, min_in_frame: float = 0.6,
-                 tries: int = 30, colours: str = "class") -> Rendered:
+                 tries: int = 30, colours: str = "class", backgrounds: int = 0) -> Rendered:
     """Scene-centric image: up to ``n_objects`` catalogue objects, later ones occluding earlier ones.
 
     A placement is resampled (``tries`` times, then the object is dropped) when it would leave an earlier
     object less than ``min_visible`` visible, or (``hole_free``) punch a hole into it, so every annotation
     describes a recognisable object and COCO polygons stay exact.
     """
-    img = render_background(rng, width, height)
+    img = render_background(rng, width, height, backgrounds)
     layers = _Layers(min_visible, hole_free, min_area)
     s = min(width, height)
     p = None if probs is None else np.asarray(probs, float) / np.sum(probs)
@@ -547,13 +553,13 @@ def render_scene(rng: np.random.Generator, width: int, height: int, classes: Seq
 def render_video(rng: np.random.Generator, width: int, height: int, classes: Sequence[int], n_objects: int,
                  n_frames: int, scale: tuple[float, float], speed: tuple[float, float],
                  spin: float = 3.0, min_visible: float = 0.5, tries: int = 30,
-                 colours: str = "class") -> list[Rendered]:
+                 colours: str = "class", backgrounds: int = 0) -> list[Rendered]:
     """DAVIS-like clip: objects glide (bouncing off the borders) over a static background.
 
     Object ``k`` of every frame is the same instance (painting order fixed), and each stays at least
     ``min_visible`` visible in every frame, so instance ids are stable for label propagation.
     """
-    bg = render_background(rng, width, height)
+    bg = render_background(rng, width, height, backgrounds)
     s = min(width, height)
     for n in range(n_objects, 0, -1):
         for _t in range(tries):

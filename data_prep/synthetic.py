@@ -52,6 +52,7 @@ from data_prep.render import (
 log = logging.getLogger(__name__)
 
 WORLD_VERSION = "1"
+COLOUR_MODES: tuple[str, ...] = ("class", "random", "grey")
 MANIFEST = "world.json"
 DATASETS: tuple[str, ...] = ("imagenet", "coco", "openimages", "bdd100k", "cls", "voc", "davis")
 VOC_CLASSES: tuple[str, ...] = (
@@ -152,8 +153,12 @@ class WorldSpec:
     seed: int = 0
     jpeg_quality: int = 90
     # "class": each catalogue class has its own colours (colour alone identifies it); "random": colours are
-    # drawn per instance, so a class is its shape + texture, and colour-jitter invariance is not penalised.
+    # drawn per instance, so a class is its shape + texture, and colour-jitter invariance is not penalised;
+    # "grey": "random", then stored as luminance, so colour is no instance cue either (README: why the
+    # embedded study uses it).
     colours: str = "class"
+    # 0: every image draws its own background; N: one of N shared backgrounds, so a background is no instance cue
+    backgrounds: int = 0
     imagenet: CentricSpec = field(default_factory=lambda: CentricSpec(splits={"train": 80}))
     coco: SceneSpec = field(default_factory=lambda: SceneSpec(splits={"train2017": 400}))
     openimages: SceneSpec = field(default_factory=lambda: SceneSpec(
@@ -162,6 +167,11 @@ class WorldSpec:
     cls: CentricSpec = field(default_factory=lambda: CentricSpec(splits={"train": 40, "val": 20}))
     voc: VocSpec = field(default_factory=VocSpec)
     davis: DavisSpec = field(default_factory=DavisSpec)
+
+    @property
+    def object_colours(self) -> str:
+        """The renderer's colour mode: grey worlds draw random colours, then drop the chroma when saved."""
+        return "random" if self.colours == "grey" else self.colours
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -186,11 +196,11 @@ class WorldSpec:
                 else:
                     spec[key] = value
         out = cls(seed=_int(spec["seed"], "seed", 0), jpeg_quality=_int(spec["jpeg_quality"], "jpeg_quality", 1),
-                  colours=spec["colours"])
+                  colours=spec["colours"], backgrounds=_int(spec["backgrounds"], "backgrounds", 0))
         if out.jpeg_quality > 100:
             raise SpecError("world spec key jpeg_quality must be in 1..100")
-        if out.colours not in ("class", "random"):
-            raise SpecError(f"world spec key colours must be 'class' or 'random', got {out.colours!r}")
+        if out.colours not in COLOUR_MODES:
+            raise SpecError(f"world spec key colours must be one of {', '.join(COLOUR_MODES)}, got {out.colours!r}")
         for name, typ in _SPEC_TYPES.items():
             setattr(out, name, _build(typ, spec[name], name))
         return out
@@ -316,9 +326,12 @@ def _zipf(n: int, alpha: float) -> np.ndarray:
     return p / p.sum()
 
 
-def _save_jpeg(r: Rendered, path: Path, quality: int) -> None:
+def _save_jpeg(r: Rendered, path: Path, spec: WorldSpec) -> None:
     buf = io.BytesIO()
-    r.to_pil().save(buf, format="JPEG", quality=quality)
+    img = r.to_pil()
+    if spec.colours == "grey":  # luminance only, still a 3-channel JPEG as the real sets store
+        img = img.convert("L").convert("RGB")
+    img.save(buf, format="JPEG", quality=spec.jpeg_quality)
     path.write_bytes(buf.getvalue())
 
 
@@ -390,9 +403,10 @@ def write_imagenet(root: Path, spec: WorldSpec) -> dict[str, Any]:
                 d.mkdir(parents=True, exist_ok=True)
                 for i in range(per_class):
                     r = render_centric(_rng(spec.seed, "imagenet", split, k, i), k, s.width, s.height, s.scale,
-                                       s.jitter, colours=spec.colours)
+                                       s.jitter, colours=spec.object_colours,
+                                       backgrounds=spec.backgrounds)
                     stem = f"{wnid}_{i}"
-                    _save_jpeg(r, d / f"{stem}.JPEG", spec.jpeg_quality)
+                    _save_jpeg(r, d / f"{stem}.JPEG", spec)
                     if split == "train":
                         rows.append(f"{stem}," + " ".join(f"{wnid} {x1} {y1} {x2} {y2}"
                                                           for x1, y1, x2, y2 in (o.box for o in r.objects)))
@@ -409,7 +423,8 @@ def _scene_images(name: str, s: SceneSpec | VocSpec, spec: WorldSpec, split: str
         rng = _rng(spec.seed, name, split, i)
         n_obj = int(rng.integers(s.objects[0], s.objects[1] + 1))
         yield i, render_scene(rng, s.width, s.height, range(n_classes), n_obj, s.scale, probs=probs,
-                              min_visible=s.min_visible, hole_free=hole_free, colours=spec.colours)
+                              min_visible=s.min_visible, hole_free=hole_free, colours=spec.object_colours,
+                                       backgrounds=spec.backgrounds)
 
 
 def write_coco(root: Path, spec: WorldSpec) -> dict[str, Any]:
@@ -424,7 +439,7 @@ def write_coco(root: Path, spec: WorldSpec) -> dict[str, Any]:
             for _, r in _scene_images("coco", s, spec, split, n, s.n_classes, hole_free=True):
                 image_id += 1
                 file_name = f"{image_id:012d}.jpg"
-                _save_jpeg(r, root / split / file_name, spec.jpeg_quality)
+                _save_jpeg(r, root / split / file_name, spec)
                 images.append({"id": image_id, "file_name": file_name, "width": s.width, "height": s.height,
                                "license": 1})
                 for o in r.objects:
@@ -466,7 +481,7 @@ def write_openimages(root: Path, spec: WorldSpec) -> dict[str, Any]:
                 if image_id in seen:
                     raise RuntimeError(f"OpenImages id collision {image_id}; change the seed")
                 seen.add(image_id)
-                _save_jpeg(r, root / split / f"{image_id}.jpg", spec.jpeg_quality)
+                _save_jpeg(r, root / split / f"{image_id}.jpg", spec)
                 for o in r.objects:
                     x1, y1, x2, y2 = o.box
                     rows.append((image_id, f"{image_id},xclick,{mids[o.label]},1,{x1 / s.width:.6f},"
@@ -504,7 +519,7 @@ def write_bdd100k(root: Path, spec: WorldSpec) -> dict[str, Any]:
                                   category_probs=[s.categories.get(c, 0.0) for c in STREET_CATEGORIES], **attrs)
                 h = _hexid(spec.seed, "bdd100k", split, i)
                 name = f"{h[:8]}-{h[8:16]}.jpg"
-                _save_jpeg(r, d / name, spec.jpeg_quality)
+                _save_jpeg(r, d / name, spec)
                 labels = []
                 for o in r.objects:
                     label_id += 1
@@ -532,8 +547,9 @@ def write_cls(root: Path, spec: WorldSpec) -> dict[str, Any]:
                 d.mkdir(parents=True)
                 for i in range(per_class):
                     r = render_centric(_rng(spec.seed, "cls", split, k, i), k, s.width, s.height, s.scale, s.jitter,
-                                       colours=spec.colours)
-                    _save_jpeg(r, d / f"{name}_{i:05d}.jpg", spec.jpeg_quality)
+                                       colours=spec.object_colours,
+                                       backgrounds=spec.backgrounds)
+                    _save_jpeg(r, d / f"{name}_{i:05d}.jpg", spec)
                     bar.update()
             counts[split] = per_class * s.n_classes
     return {"images": counts, "classes": s.n_classes, "objects": sum(counts.values())}
@@ -582,7 +598,7 @@ def write_voc(root: Path, spec: WorldSpec) -> dict[str, Any]:
         for split in ("trainval", "test"):
             for i, r in _scene_images("voc", s, spec, split, len(ids[split]), len(VOC_CLASSES)):
                 stem = ids[split][i]
-                _save_jpeg(r, dirs["JPEGImages"] / f"{stem}.jpg", spec.jpeg_quality)
+                _save_jpeg(r, dirs["JPEGImages"] / f"{stem}.jpg", spec)
                 difficult = [min(o.box[2] - o.box[0], o.box[3] - o.box[1]) < s.difficult_min_side
                              for o in r.objects]
                 segmented = split == "trainval"
@@ -626,7 +642,8 @@ def write_davis(root: Path, spec: WorldSpec) -> dict[str, Any]:
                 rng = _rng(spec.seed, "davis", split, i)
                 n_req = int(rng.integers(s.objects[0], s.objects[1] + 1))
                 frames = render_video(rng, s.width, s.height, range(s.n_classes), n_req, s.n_frames, s.scale,
-                                      s.speed, min_visible=s.min_visible, colours=spec.colours)
+                                      s.speed, min_visible=s.min_visible, colours=spec.object_colours,
+                                       backgrounds=spec.backgrounds)
                 video = "-".join(dict.fromkeys(o.name for o in frames[0].objects)) + f"-{split}{i:02d}"
                 names.append(video)
                 jd = root / "JPEGImages" / "480p" / video
@@ -634,7 +651,7 @@ def write_davis(root: Path, spec: WorldSpec) -> dict[str, Any]:
                 jd.mkdir(parents=True)
                 ad.mkdir(parents=True)
                 for f, fr in enumerate(frames):
-                    _save_jpeg(fr, jd / f"{f:05d}.jpg", spec.jpeg_quality)
+                    _save_jpeg(fr, jd / f"{f:05d}.jpg", spec)
                     ids = _id_map(fr.objects, (s.height, s.width), list(range(1, len(fr.objects) + 1)))
                     _save_palette_png(ids, ad / f"{f:05d}.png")
                     bar.update()

@@ -390,3 +390,40 @@ def test_cli(tmp_path: Path, spec: WorldSpec, capsys: pytest.CaptureFixture[str]
     printed = json.loads(capsys.readouterr().out)
     assert printed["seed"] == 3 and printed["coco"]["splits"] == {"train2017": 2}
     assert synthetic.main(["--out", str(tmp_path / "x"), "--spec", str(tmp_path / "missing.yaml")]) == 2
+
+
+# ----------------------------------------------------------------------------------------------- colour / background cues
+
+
+def _centric(spec: WorldSpec, tmp_path: Path, name: str) -> list[np.ndarray]:
+    root = make_world(tmp_path / name, spec, only=["cls"])
+    return [np.asarray(Image.open(p), dtype=np.int16) for p in sorted((root / "cls").rglob("*.jpg"))]
+
+
+def test_grey_world_stores_luminance_in_three_channels(tmp_path: Path) -> None:
+    base = {"cls": {"splits": {"train": 2, "val": 1}, "n_classes": 3}}
+    grey = _centric(WorldSpec.from_dict({**base, "colours": "grey"}), tmp_path, "grey")
+    colour = _centric(WorldSpec.from_dict({**base, "colours": "random"}), tmp_path, "colour")
+    assert all(im.ndim == 3 and im.shape[2] == 3 for im in grey)  # readers see an RGB JPEG as in the real sets
+    chroma = [np.abs(im - im.mean(axis=2, keepdims=True)).mean() for im in grey]
+    assert max(chroma) < 1.0 < min(np.abs(im - im.mean(axis=2, keepdims=True)).mean() for im in colour)
+    with pytest.raises(SpecError, match="colours"):
+        WorldSpec.from_dict({"colours": "gray"})
+
+
+def test_background_pool_shares_backgrounds_across_images() -> None:
+    """With a pool of one, every background is the same picture (up to the sensor noise); without, they differ."""
+
+    def border(pool: int) -> list[np.ndarray]:
+        out = []
+        for i in range(4):  # objects sit near the centre: the 4 px frame is background
+            img = render.render_centric(np.random.default_rng(i), i % 3, 64, 64, scale=(0.4, 0.5), jitter=0.0,
+                                        colours="random", backgrounds=pool).image.astype(float)
+            out.append(np.concatenate([img[:4].ravel(), img[-4:].ravel(), img[:, :4].ravel(), img[:, -4:].ravel()]))
+        return out
+
+    shared, own = border(1), border(0)
+    diff = lambda xs: max(np.abs(a - xs[0]).mean() for a in xs[1:])  # noqa: E731
+    assert diff(shared) < 8 < diff(own)
+    with pytest.raises(SpecError, match="backgrounds"):
+        WorldSpec.from_dict({"backgrounds": -1})
