@@ -269,3 +269,43 @@ def make_bad_images(directory: Path) -> dict[str, Path]:
         "trailing_bytes": good + b"\x00\x00\x00",
     }
     return {k: write(directory / f"{k}.jpg", v) for k, v in cases.items()}
+
+
+# ----------------------------------------------------------------------------------------------- a learnable toy
+CLASSES = ("a", "b", "c")
+
+
+def class_image(rng: np.random.Generator, cls: int, side: int = 40) -> Image.Image:
+    """Noise with a bright square in channel ``cls``: a class a few SGD steps can tell apart."""
+    arr = (rng.random((side, side, 3)) * 60).astype(np.uint8)
+    arr[side // 5: side - side // 5, side // 5: side - side // 5, cls] = 220
+    return Image.fromarray(arr)
+
+
+def make_class_folder(root: Path, n_train: int = 8, n_val: int = 4, seed: int = 0) -> Path:
+    """An ImageFolder classification target (train / val) of the three toy classes."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                class_image(rng, c).save(root / split / name / f"{i}.png")
+    return root
+
+
+def make_class_shards(root: Path, n: int = 32, seed: int = 1) -> Path:
+    """Webdataset shards (two of them) of ``n`` toy images, as the shard step writes them."""
+    from data_prep.records import Record
+    from data_prep.shards import write_shards
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        path = root / f"img_{i:03d}.jpg"
+        class_image(rng, i % 3).save(path, quality=90)
+        records.append(Record(key=f"img_{i:03d}", path=str(path), cls=CLASSES[i % 3], boxes=[], split="train",
+                              width=40, height=40))
+    out = root / "shards"
+    write_shards(records, out, "tiny", max_per_shard=n // 2, min_shards=2, progress=False)
+    return out

@@ -14,33 +14,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from format_fixtures import CLASSES, make_class_folder, make_class_shards
 from omegaconf import OmegaConf
-from PIL import Image
 
-from data_prep.records import Record
-from data_prep.shards import write_shards
 from study.monitor import MonitorConfigError, OnlineMonitor, _pick, monitor_spec
 
 REPO = Path(__file__).resolve().parents[1]
-CLASSES = ("a", "b", "c")
-
-
-def _image(rng: np.random.Generator, cls: int) -> Image.Image:
-    arr = (rng.random((40, 40, 3)) * 60).astype(np.uint8)
-    arr[8:32, 8:32, cls] = 220  # class = which channel the square lights up
-    return Image.fromarray(arr)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("monitor_cls")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 4)):
-        for c, name in enumerate(CLASSES):
-            (root / split / name).mkdir(parents=True)
-            for i in range(n):
-                _image(rng, c).save(root / split / name / f"{i}.png")
-    return root
+    return make_class_folder(tmp_path_factory.mktemp("monitor_cls"))
 
 
 def _cfg(folder: Path, **mon) -> OmegaConf:
@@ -138,17 +122,7 @@ def test_views_are_fixed_by_the_seed_and_leave_the_global_rng_alone(folder):
 
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("monitor_shards")
-    rng = np.random.default_rng(1)
-    records = []
-    for i in range(32):
-        path = root / f"img_{i:03d}.jpg"
-        _image(rng, i % 3).save(path, quality=90)
-        records.append(Record(key=f"img_{i:03d}", path=str(path), cls=CLASSES[i % 3], boxes=[], split="train",
-                              width=40, height=40))
-    out = root / "shards"
-    write_shards(records, out, "tiny", max_per_shard=16, min_shards=2, progress=False)
-    return out
+    return make_class_shards(tmp_path_factory.mktemp("monitor_shards"))
 
 
 def _train(out: Path, shards: Path, *overrides: str) -> None:
