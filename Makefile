@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 CORES ?= 2
 SNAKEMAKE := $(VENV)/bin/snakemake
 
-.PHONY: install demo test lint dryrun bench clean
+.PHONY: install demo test lint dryrun bench learning clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/shards.py
 	$(PY) benchmarks/loader.py
 	$(PY) benchmarks/train_step.py
+
+# Does the trainer learn? MoCo-v2 (scale model, 1224 steps) vs random init on syn_cls, paper protocol (~5 min)
+learning: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMP_NUM_THREADS=1 $(PY) benchmarks/learning.py
 
 clean:
 	rm -rf results .snakemake
