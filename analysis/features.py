@@ -149,23 +149,11 @@ def read_checkpoint(path: str | Path, expect_arch: str | None = None, target: st
 
 
 def build_backbone_from_checkpoint(ckpt: Mapping[str, Any]) -> nn.Module:
-    """torchvision ResNet (fc = Identity) holding the checkpoint's weights, via ``study.models`` when present
-    so the stem definition stays in one place; a local rebuild otherwise."""
-    try:
-        from study.models import load_backbone
-    except ImportError:
-        load_backbone = None
-    if load_backbone is not None:
-        net, _ = load_backbone(ckpt)
-        return net
-    import torchvision
+    """torchvision ResNet (fc = Identity) holding the checkpoint's weights; ``study.models`` rebuilds it, so the
+    stem and width definitions stay in one place."""
+    from study.models import load_backbone
 
-    net = getattr(torchvision.models, str(ckpt["arch"]))(weights=None)
-    if ckpt.get("small_input", False):
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        net.maxpool = nn.Identity()
-    net.fc = nn.Identity()
-    net.load_state_dict(ckpt["backbone"], strict=True)
+    net, _ = load_backbone(ckpt)
     return net
 
 
