@@ -424,7 +424,7 @@ def _scene_images(name: str, s: SceneSpec | VocSpec, spec: WorldSpec, split: str
         n_obj = int(rng.integers(s.objects[0], s.objects[1] + 1))
         yield i, render_scene(rng, s.width, s.height, range(n_classes), n_obj, s.scale, probs=probs,
                               min_visible=s.min_visible, hole_free=hole_free, colours=spec.object_colours,
-                                       backgrounds=spec.backgrounds)
+                              backgrounds=spec.backgrounds)
 
 
 def write_coco(root: Path, spec: WorldSpec) -> dict[str, Any]:
@@ -643,7 +643,7 @@ def write_davis(root: Path, spec: WorldSpec) -> dict[str, Any]:
                 n_req = int(rng.integers(s.objects[0], s.objects[1] + 1))
                 frames = render_video(rng, s.width, s.height, range(s.n_classes), n_req, s.n_frames, s.scale,
                                       s.speed, min_visible=s.min_visible, colours=spec.object_colours,
-                                       backgrounds=spec.backgrounds)
+                                      backgrounds=spec.backgrounds)
                 video = "-".join(dict.fromkeys(o.name for o in frames[0].objects)) + f"-{split}{i:02d}"
                 names.append(video)
                 jd = root / "JPEGImages" / "480p" / video
