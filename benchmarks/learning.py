@@ -4,7 +4,8 @@ The demo's grid runs are a few dozen steps each (the 10-minute budget), too shor
 runs do 1008 steps. This check repeats that recipe on its own, for 1224 steps and any seed (``--seed``), so the
 gap can be measured without the grid. It trains the embedded study's scale model (a ResNet-18 of width 8 with
 a 3x3 stem, 32 px crops, batch 64, K 128, m 0.99, constant lr 0.06 (MoCo's step schedule with no step
-inside the run), weight decay 5e-4) with ``study.train`` on the syn_in shards, writes the untrained baseline
+inside the run), weight decay 5e-4; read from ``config.yaml``: ``pretrain.overrides`` + ``variants.moco_v2_long``,
+with the epochs and seed of this run) with ``study.train`` on the syn_in shards, writes the untrained baseline
 of the same architecture (``method=random_init``), and evaluates both with the transfer stage's own kNN and
 linear-probe code on the classification target, at 32 px, *without* BN recalibration (the paper's protocol:
 the untrained baseline keeps its initial BN statistics). Prints one JSON line:
@@ -25,15 +26,28 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from analysis.transfer import run_target, write_json_atomic  # noqa: E402
 
-# the scale model and schedule (README: "Does the trainer learn?"); the method and epochs come on top
-SCALE = ["model.width=8", "model.small_input=true", "crop.size=32", "crop.small_size=16", "batch_size=64",
-         "moco.K=128", "moco.m=0.99", "optim.schedule=step", "optim.milestones=[]", "optim.lr=0.06",
-         "optim.weight_decay=5e-4", "num_workers=1", "log_every=20", "ckpt_every=1000", "progress=false"]
+CONFIG = REPO / "config.yaml"
+RECIPE_VARIANT = "moco_v2_long"  # the demo's mechanism run: this check uses its recipe, so the two cannot drift
+RUN_KEYS = ["log_every=20", "ckpt_every=1000", "progress=false"]  # output only: same weights either way
+
+
+def recipe(config: Path) -> tuple[list[str], list[str]]:
+    """(MoCo-v2 overrides, untrained-baseline overrides) as the workflow composes them for the demo's
+    ``mechanism`` experiment: ``pretrain.overrides``, then the variant's own (later keys win in study.train)."""
+    cfg = yaml.safe_load(config.read_text())
+    try:
+        base, variants = list(cfg["pretrain"]["overrides"]), cfg["variants"]
+        return base + list(variants[RECIPE_VARIANT]), base + list(variants["random_init"])
+    except (KeyError, TypeError) as exc:
+        raise SystemExit(f"{config}: needs pretrain.overrides and variants.{RECIPE_VARIANT} / variants.random_init "
+                         f"(missing {exc})") from None
 
 
 def targets(cls_root: Path, image_size: int) -> dict[str, dict]:
@@ -77,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--config", type=Path, default=CONFIG, help=f"study config whose {RECIPE_VARIANT} recipe is used")
     ap.add_argument("--smoke", action="store_true", help="2 epochs, batch 16, K 32 (the tests)")
     args = ap.parse_args(argv)
     if args.shards and args.cls_root:
@@ -84,15 +99,16 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         shards, cls_root = ensure_inputs(args.results, cores=2)
     out = args.out or args.results / "benchmarks" / "learning"
-    overrides = [*SCALE, f"epochs={2 if args.smoke else args.epochs}", f"seed={args.seed}"]
+    moco, untrained = recipe(args.config)
+    run_keys = [*RUN_KEYS, f"epochs={2 if args.smoke else args.epochs}", f"seed={args.seed}"]
     if args.smoke:
-        overrides += ["batch_size=16", "moco.K=32"]
-    runs = {"moco_v2": ["method=moco_v2"], "random_init": ["method=random_init"]}
-    record: dict = {"benchmark": "learning", "overrides": overrides, "image_size": args.image_size,
+        run_keys += ["batch_size=16", "moco.K=32"]
+    runs = {"moco_v2": [*moco, *run_keys], "random_init": [*untrained, *run_keys]}
+    record: dict = {"benchmark": "learning", "overrides": runs["moco_v2"], "image_size": args.image_size,
                     "bn_recalibrate": False}
-    for name, extra in runs.items():
+    for name, overrides in runs.items():
         run_dir = out / name
-        wall = train(run_dir, shards, [*overrides, *extra], args.threads)
+        wall = train(run_dir, shards, overrides, args.threads)
         ckpt = run_dir / "checkpoint.pt"
         scores = {}
         for tname, tcfg in targets(cls_root, args.image_size).items():

@@ -29,4 +29,8 @@ def test_learning_check_trains_evaluates_and_reports_the_gap(tmp_path: Path) -> 
         assert rec[f"gap_{target}"] == round(rec["moco_v2"][target] - rec["random_init"][target], 1)
     assert rec["steps"] == 4 and rec["n_test"] == 12  # 2 epochs of 32 images at batch 16; 3 classes x 4
     # the two runs share the architecture: the baseline is the trained model's own initialisation scheme
-    assert rec["overrides"][:2] == ["model.width=8", "model.small_input=true"]
+    assert {"model.width=8", "model.small_input=true"} <= set(rec["overrides"])
+    # the recipe is the demo's mechanism run, read from config.yaml, not a copy that could drift
+    moco, untrained = learning.recipe(learning.CONFIG)
+    assert rec["overrides"][: len(moco)] == moco and "method=moco_v2" in moco and "method=random_init" in untrained
+    assert {"model.width=8", "model.small_input=true"} <= set(untrained)
