@@ -1,0 +1,149 @@
+"""Fine-tuned dense transfer: the models' structure, the schedule, and a killed run resuming exactly."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from analysis import finetune
+from analysis.dense_models import FCN, FCRN, berhu_loss, dilate_layer4, faster_rcnn_c4
+from analysis.targets import TargetError
+from data_prep.synthetic import make_world, tiny_spec
+from study.models import build_backbone, load_backbone
+
+
+def make_checkpoint(path, seed=0, width=8):
+    torch.manual_seed(seed)
+    net, feat_dim = build_backbone("resnet18", small_input=True, width=width)
+    torch.save({"backbone": net.state_dict(), "arch": "resnet18", "small_input": True, "feat_dim": feat_dim,
+                "width": width}, path)  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("world"), tiny_spec(), only=["voc"])
+
+
+def test_dilation_matches_torchvision_rule():
+    """Our in-place dilation of a loaded ResNet-50 equals torchvision's replace_stride_with_dilation layout."""
+    ours = dilate_layer4(torchvision.models.resnet50(weights=None))
+    ref = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, False, True])
+    convs = {n: (m.stride, m.dilation, m.padding) for n, m in ref.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert {n: (m.stride, m.dilation, m.padding) for n, m in ours.named_modules()
+            if isinstance(m, torch.nn.Conv2d)} == convs  # fmt: skip
+
+
+def test_fcn_keeps_layer3_resolution_and_loaded_weights(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "c.pt")
+    net, _ = load_backbone(ckpt)
+    w = net.layer4[0].conv1.weight.clone()
+    model = FCN(net, n_classes=5, head_channels=16, head_dilation=2)
+    x = torch.randn(2, 3, 40, 48)
+    assert model(x).shape == (2, 5, 40, 48)
+    assert model.trunk(x).shape[-2:] == (10, 12)  # stride 4: layer4 at layer3's stride (small-input stem)
+    assert torch.equal(model.trunk.layer4[0].conv1.weight, w)
+
+
+def test_faster_rcnn_c4_shares_the_backbone_and_trains(tmp_path):
+    net, _ = load_backbone(make_checkpoint(tmp_path / "c.pt"))
+    layer4 = net.layer4
+    model = faster_rcnn_c4(net, n_classes=3, min_size=64, max_size=96, anchor_sizes=(8, 16, 32))
+    assert model.roi_heads.box_head.res5 is layer4  # the box head is the pretrained layer4 (C4 layout)
+    assert model.backbone.out_channels == 32  # layer3 of the width-8 ResNet-18
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 40.0]]), "labels": torch.tensor([2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]  # fmt: skip
+    losses = model([torch.rand(3, 64, 64), torch.rand(3, 64, 80)], targets)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    model.eval()
+    with torch.no_grad():
+        out = model([torch.rand(3, 64, 64)])
+    assert set(out[0]) == {"boxes", "scores", "labels"}
+
+
+def test_fcrn_output_size_and_berhu_by_hand(tmp_path):
+    net, _ = load_backbone(make_checkpoint(tmp_path / "c.pt"))
+    assert FCRN(net, decoder_channels=16, n_up=3)(torch.randn(2, 3, 48, 64)).shape == (2, 48, 64)
+    pred, gt = torch.tensor([1.1, 2.0, 5.0]), torch.tensor([1.0, 3.0, 0.0])
+    # residuals 0.1 and 1.0 (the third pixel is invalid): c = 0.2; 0.1 -> 0.1, 1.0 -> (1 + 0.04) / 0.4 = 2.6
+    assert berhu_loss(pred, gt, gt > 0).item() == pytest.approx((0.1 + 2.6) / 2)
+
+
+def test_lr_schedules_by_hand():
+    s = finetune.resolve_settings({"protocol": "finetune_det", "lr": 0.02, "milestones": [6, 8], "warmup_steps": 2})
+    assert finetune.lr_at(0, 10, s) == pytest.approx(0.02 * 1e-3)
+    assert finetune.lr_at(1, 10, s) == pytest.approx(0.02 * (1e-3 * 0.5 + 0.5))
+    assert [finetune.lr_at(k, 10, s) for k in (5, 6, 8)] == pytest.approx([0.02, 0.002, 0.0002])
+    p = finetune.resolve_settings({"protocol": "finetune_seg", "lr": 0.01})
+    assert finetune.lr_at(5, 10, p) == pytest.approx(0.01 * 0.5**0.9)
+
+
+def test_batches_cover_each_epoch_once_and_depend_on_the_step_only():
+    stream = [i for k in range(5) for i, _ in finetune.batch_slots(k, 4, 10, seed=3)]
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert finetune.batch_slots(3, 4, 10, seed=3) == finetune.batch_slots(3, 4, 10, seed=3)
+    assert finetune.batch_slots(0, 4, 10, seed=3) != finetune.batch_slots(0, 4, 10, seed=4)
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(TargetError, match="optimizer"):
+        finetune.resolve_settings({"protocol": "finetune_seg", "optimizer": "lamb"})
+    with pytest.raises(TargetError, match="finetune_seg"):
+        finetune.resolve_settings({"protocol": "finetune_segm"})
+
+
+def _seg_cfg(world, **kw):
+    return {"protocol": "finetune_seg", "format": "voc_seg", "root": str(world / "voc"), "steps": 6,
+            "batch_size": 2, "crop_size": 32, "head_channels": 8, "head_dilation": 2, "save_every": 2, **kw}
+
+
+class _Kill(Exception):
+    pass
+
+
+def _kill_at(step):
+    def hook(done):
+        if done == step:
+            raise _Kill
+
+    return hook
+
+
+def test_killed_run_resumes_exactly(world, tmp_path):
+    ckpt = make_checkpoint(tmp_path / "c.pt")
+    cfg = _seg_cfg(world)
+    full = finetune.finetune(ckpt, "seg", cfg, state_dir=tmp_path / "a", progress=False)
+    with pytest.raises(_Kill):
+        finetune.finetune(ckpt, "seg", cfg, state_dir=tmp_path / "b", progress=False, on_step=_kill_at(5))
+    assert torch.load(tmp_path / "b" / "state.pt", weights_only=True)["step"] == 4  # last save before the kill
+    resumed = finetune.finetune(ckpt, "seg", cfg, state_dir=tmp_path / "b", progress=False)
+    assert resumed["resumed_from_step"] == 4 and full["resumed_from_step"] == 0
+    assert resumed["metrics"] == full["metrics"] and resumed["final_loss"] == full["final_loss"]
+    a = torch.load(tmp_path / "a" / "state.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "state.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_state_of_other_settings_is_refused_and_a_damaged_one_set_aside(world, tmp_path):
+    ckpt = make_checkpoint(tmp_path / "c.pt")
+    finetune.finetune(ckpt, "seg", _seg_cfg(world, steps=2), state_dir=tmp_path / "s", progress=False)
+    with pytest.raises(TargetError, match="delete it"):
+        finetune.finetune(ckpt, "seg", _seg_cfg(world, steps=2, lr=0.5), state_dir=tmp_path / "s", progress=False)
+    (tmp_path / "s" / "state.pt").write_bytes(b"truncated")
+    res = finetune.finetune(ckpt, "seg", _seg_cfg(world, steps=2), state_dir=tmp_path / "s", progress=False)
+    assert res["resumed_from_step"] == 0 and (tmp_path / "s" / "state.pt.corrupt").exists()
+
+
+def test_cli_writes_a_result_the_tables_read(world, tmp_path):
+    ckpt = make_checkpoint(tmp_path / "c.pt")
+    out = tmp_path / "T.json"
+    cfg = _seg_cfg(world, steps=2)
+    assert finetune.main(["--checkpoint", str(ckpt), "--name", "T", "--target-json", json.dumps(cfg),
+                          "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    res = json.loads(out.read_text())
+    assert res["metric"] == "mIoU" and 0.0 <= res["value"] <= 1.0 and res["settings"]["steps"] == 2
+    assert len(res["metrics"]["per_class_IoU"]) == 21 and np.isfinite(res["final_loss"])
+    assert finetune.main(["--checkpoint", str(tmp_path / "missing.pt"), "--name", "T", "--target-json",
+                          json.dumps(cfg), "--out", str(out)]) == 1  # fmt: skip
