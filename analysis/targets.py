@@ -12,10 +12,13 @@ import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from analysis.dense_targets import DepthSplit, DetectionSplit
 
 VOC_CLASSES: list[str] = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -430,6 +433,10 @@ DEFAULT_SPLITS: dict[str, dict[str, str]] = {
     "voc07": {"train": "trainval", "test": "test"},
     "voc_seg": {"train": "train", "test": "val"},
     "davis": {"test": "val"},
+    # dense fine-tuning targets (analysis.dense_targets); voc_det: MoCo's 07+12 -> 07 test protocol
+    "voc_det": {"train": "2007_trainval+2012_trainval", "test": "2007_test"},
+    "cityscapes": {"train": "train", "test": "val"},
+    "nyud_depth": {"train": "train", "test": "test"},
     **{k: {"train": "train", "test": "test"} for k in TORCHVISION_TARGETS},
 }
 
@@ -447,8 +454,13 @@ def split_name(cfg: Mapping[str, Any], role: str) -> str:
     return splits[role]
 
 
-def load_split(target: str, cfg: Mapping[str, Any], role: str) -> ImageSplit | SegmentationSplit | VideoSplit:
-    """Read the split that plays ``role`` for target ``target`` described by its config mapping."""
+def load_split(
+    target: str, cfg: Mapping[str, Any], role: str
+) -> ImageSplit | SegmentationSplit | VideoSplit | DetectionSplit | DepthSplit:
+    """Read the split that plays ``role`` for target ``target`` described by its config mapping.
+
+    voc_seg reads ``year`` (default 2007) and ``sbd_root`` (train_aug without SegmentationClassAug); voc_det
+    reads ``year`` (of split parts written without one); see ``analysis.dense_targets``."""
     fmt = cfg.get("format")
     if "root" not in cfg:
         raise TargetError(f"target {target!r}: config lacks `root`")
@@ -458,8 +470,16 @@ def load_split(target: str, cfg: Mapping[str, Any], role: str) -> ImageSplit | S
         return read_imagefolder(target, root, split)
     if fmt == "voc07":
         return read_voc07(target, root, split, cfg.get("classes"))
-    if fmt == "voc_seg":
-        return read_voc_seg(target, root, split)
+    if fmt in ("voc_seg", "cityscapes", "voc_det", "nyud_depth"):
+        from analysis import dense_targets as dense  # imported here: it imports this module
+
+        if fmt == "voc_seg":
+            return dense.read_voc_seg(target, root, split, year=cfg.get("year", 2007), sbd_root=cfg.get("sbd_root"))
+        if fmt == "voc_det":
+            return dense.read_voc_det(target, root, split, year=cfg.get("year", 2007))
+        if fmt == "cityscapes":
+            return dense.read_cityscapes(target, root, split)
+        return dense.read_nyud_depth(target, root, split)
     if fmt == "davis":
         return read_davis(target, root, split, cfg.get("resolution", "480p"))
     return read_torchvision(

@@ -54,6 +54,9 @@ FORMAT_KEYS = (
     "test_fraction",
     "protocol",
     "arch",
+    "year",  # voc_seg / voc_det: VOC<year>/ under root (analysis.dense_targets)
+    "sbd_root",  # voc_seg train_aug built from SBD
+    "synthetic",
 )
 COMMON_DEFAULTS: dict[str, Any] = {
     "image_size": 224,  # s: Resize(s * resize_ratio) -> CenterCrop(s) for pooled features

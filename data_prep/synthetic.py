@@ -2,8 +2,8 @@
 
 With no dataset on disk the whole study (readers, DAG, trainer, transfer protocols) still runs end to end on
 a 2-core CPU in minutes, because this module writes small stand-ins for ImageNet, COCO, OpenImages and
-BDD100K (pretraining sources) and for an ImageFolder classification set, VOC2007 and DAVIS-2017 (transfer
-targets) in exactly the layouts the real readers parse. Object-centric vs scene-centric vs domain-specific
+BDD100K (pretraining sources) and for an ImageFolder classification set, VOC2007, DAVIS-2017 and NYU Depth v2
+(transfer targets) in exactly the layouts the real readers parse. Object-centric vs scene-centric vs domain-specific
 is preserved: one large object per ImageNet image, several (COCO) or many (OpenImages) smaller ones per scene,
 and monotonous street scenes for BDD100K.
 
@@ -44,6 +44,7 @@ from data_prep.render import (
     Rendered,
     mask_to_polygons,
     render_centric,
+    render_depth_scene,
     render_scene,
     render_street,
     render_video,
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 WORLD_VERSION = "1"
 COLOUR_MODES: tuple[str, ...] = ("class", "random", "grey")
 MANIFEST = "world.json"
-DATASETS: tuple[str, ...] = ("imagenet", "coco", "openimages", "bdd100k", "cls", "voc", "davis")
+DATASETS: tuple[str, ...] = ("imagenet", "coco", "openimages", "bdd100k", "cls", "voc", "davis", "nyud")
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
     "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
@@ -140,9 +141,27 @@ class DavisSpec:
     min_visible: float = 0.5
 
 
+@dataclass
+class NyudSpec:
+    """NYU Depth v2 labeled-set layout (``nyu_depth_v2_labeled.mat`` + ``splits.mat``); ``splits``: train / test
+    image counts. Depth follows ``render.render_depth_scene``: a room ``depth_range`` = (near, far) metres from the
+    bottom to the top rows, and objects at class size / apparent size, class ``k`` having the physical size
+    ``class_size[0] + k * (class_size[1] - class_size[0]) / (n_classes - 1)`` metres."""
+
+    splits: dict[str, int] = field(default_factory=lambda: {"train": 120, "test": 60})
+    width: int = 64
+    height: int = 48
+    n_classes: int = 10
+    objects: tuple[int, int] = (2, 5)
+    scale: tuple[float, float] = (0.12, 0.45)  # object diameter / min(width, height)
+    min_visible: float = 0.5
+    depth_range: tuple[float, float] = (2.0, 6.0)  # room depth (metres) at the bottom / top edge
+    class_size: tuple[float, float] = (0.15, 0.45)  # physical sizes (metres) of the first / last class
+
+
 _SPEC_TYPES: dict[str, type] = {
     "imagenet": CentricSpec, "coco": SceneSpec, "openimages": SceneSpec, "bdd100k": BddSpec, "cls": CentricSpec,
-    "voc": VocSpec, "davis": DavisSpec,
+    "voc": VocSpec, "davis": DavisSpec, "nyud": NyudSpec,
 }
 
 
@@ -167,6 +186,7 @@ class WorldSpec:
     cls: CentricSpec = field(default_factory=lambda: CentricSpec(splits={"train": 40, "val": 20}))
     voc: VocSpec = field(default_factory=VocSpec)
     davis: DavisSpec = field(default_factory=DavisSpec)
+    nyud: NyudSpec = field(default_factory=NyudSpec)
 
     @property
     def object_colours(self) -> str:
@@ -250,6 +270,9 @@ def _build(typ: type, d: dict[str, Any], name: str) -> Any:
         elif f.name in ("scale", "speed"):
             hi = 1.0 if f.name == "scale" else 1e6
             kwargs[f.name] = _pair(v, key, lambda x, k, hi=hi: _num(x, k, 1e-3, hi))
+        elif f.name in ("depth_range", "class_size"):  # metres; objects are never nearer than 1 m
+            lo = 1.0 if f.name == "depth_range" else 1e-3
+            kwargs[f.name] = _pair(v, key, lambda x, k, lo=lo: _num(x, k, lo, 1000.0))
         elif f.name in ("min_visible", "jitter"):
             kwargs[f.name] = _num(v, key, 0.0, 1.0)
         elif f.name == "class_zipf":
@@ -262,6 +285,8 @@ def _build(typ: type, d: dict[str, Any], name: str) -> Any:
         raise SpecError(f"world spec keys {name}.width/height must be >= 16 pixels")
     if name == "voc" and set(kwargs["splits"]) != {"trainval", "test"}:
         raise SpecError("world spec key voc.splits must have exactly the keys 'trainval' and 'test'")
+    if name == "nyud" and set(kwargs["splits"]) != {"train", "test"}:
+        raise SpecError("world spec key nyud.splits must have exactly the keys 'train' and 'test'")
     if name == "davis" and kwargs["n_frames"] < 2:
         raise SpecError("world spec key davis.n_frames must be >= 2 so that objects move")
     return typ(**kwargs)
@@ -278,6 +303,7 @@ def tiny_spec(seed: int = 0) -> WorldSpec:
         "cls": {"splits": {"train": 3, "val": 2}, "n_classes": 3},
         "voc": {"splits": {"trainval": 6, "test": 4}},
         "davis": {"splits": {"train": 1, "val": 1}, "n_frames": 4},
+        "nyud": {"splits": {"train": 4, "test": 2}},
     })
 
 
@@ -326,13 +352,24 @@ def _zipf(n: int, alpha: float) -> np.ndarray:
     return p / p.sum()
 
 
-def _save_jpeg(r: Rendered, path: Path, spec: WorldSpec) -> None:
+def _jpeg_bytes(r: Rendered, spec: WorldSpec) -> bytes:
     buf = io.BytesIO()
     img = r.to_pil()
     if spec.colours == "grey":  # luminance only, still a 3-channel JPEG as the real sets store
         img = img.convert("L").convert("RGB")
     img.save(buf, format="JPEG", quality=spec.jpeg_quality)
-    path.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def _save_jpeg(r: Rendered, path: Path, spec: WorldSpec) -> None:
+    path.write_bytes(_jpeg_bytes(r, spec))
+
+
+def _jpeg_pixels(r: Rendered, spec: WorldSpec) -> np.ndarray:
+    """(H, W, 3) uint8 colours after the same JPEG round trip as every saved image (for datasets stored in
+    arrays, like NYUD's .mat, whose real images were once compressed too)."""
+    with Image.open(io.BytesIO(_jpeg_bytes(r, spec))) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
 def _voc_palette() -> list[int]:
@@ -661,9 +698,86 @@ def write_davis(root: Path, spec: WorldSpec) -> dict[str, Any]:
     return {"videos": counts, "frames": n_frames_total, "classes": s.n_classes}
 
 
+def _matlab_header(version: str) -> bytes:
+    """The 128-byte MAT-file header; a fixed "Created on" keeps the world byte-identical across runs."""
+    text = f"MATLAB {version} MAT-file, Platform: GLNXA64, Created on: Thu Jan  1 00:00:00 1970"
+    if version == "7.3":
+        text += " HDF5 schema 1.00 ."
+    return text.encode("ascii").ljust(116, b" ") + b"\0" * 8 + b"\0\x02IM"
+
+
+def _write_mat73(path: Path, arrays: dict[str, tuple[np.ndarray, str]]) -> None:
+    """A MATLAB v7.3 file: HDF5 behind a 512-byte user block holding the MAT header, as MATLAB writes it.
+
+    ``arrays`` maps name -> (array already in h5py's (column-major-reversed) order, MATLAB class name). No
+    timestamps are stored, so the same arrays give the same bytes.
+    """
+    import h5py
+
+    with h5py.File(path, "w", userblock_size=512, track_order=False) as f:
+        for name, (arr, matlab_class) in arrays.items():
+            ds = f.create_dataset(name, data=arr, track_times=False)
+            ds.attrs.create("MATLAB_class", np.bytes_(matlab_class))
+    with open(path, "r+b") as fh:
+        fh.write(_matlab_header("7.3"))
+
+
+def _write_mat5(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """A MATLAB v5 file (scipy.io.savemat) with a fixed header date instead of the time of writing."""
+    from scipy.io import savemat
+
+    buf = io.BytesIO()
+    savemat(buf, arrays)
+    data = bytearray(buf.getvalue())
+    data[:116] = _matlab_header("5.0")[:116]
+    path.write_bytes(bytes(data))
+
+
+def write_nyud(root: Path, spec: WorldSpec) -> dict[str, Any]:
+    """NYU Depth v2's labeled set: ``nyu_depth_v2_labeled.mat`` (v7.3 / HDF5: ``images`` (N, 3, W, H) uint8,
+    ``depths`` (N, W, H) single metres, ``labels`` (N, W, H) uint16 class + 1 (0 none), ``instances`` (N, W, H)
+    uint8 object number, i.e. MATLAB's H x W x C x N arrays as h5py sees them) and ``splits.mat`` (v5: 1-based
+    ``trainNdxs`` / ``testNdxs`` column vectors). Train and test images are interleaved like the real release."""
+    s = spec.nyud
+    n_train, n_test = s.splits["train"], s.splits["test"]
+    n = n_train + n_test
+    order = _rng(spec.seed, "nyud", "ids").permutation(n)
+    rows = {"train": np.sort(order[:n_train]), "test": np.sort(order[n_train:])}  # 0-based
+    images = np.zeros((n, 3, s.width, s.height), np.uint8)
+    depths = np.zeros((n, s.width, s.height), np.float32)
+    labels = np.zeros((n, s.width, s.height), np.uint16)
+    instances = np.zeros((n, s.width, s.height), np.uint8)
+    lo, hi = s.class_size
+    sizes = [lo + k * (hi - lo) / max(s.n_classes - 1, 1) for k in range(s.n_classes)]
+    near, far = s.depth_range
+    shape = (s.height, s.width)
+    n_obj = 0
+    with _progress(n, "nyud") as bar:
+        for split in ("train", "test"):
+            for i, row in enumerate(rows[split]):
+                rng = _rng(spec.seed, "nyud", split, i)
+                n_req = int(rng.integers(s.objects[0], s.objects[1] + 1))
+                r = render_depth_scene(rng, s.width, s.height, range(s.n_classes), n_req, s.scale, sizes,
+                                       near=near, far=far, min_visible=s.min_visible,
+                                       colours=spec.object_colours, backgrounds=spec.backgrounds)
+                images[row] = _jpeg_pixels(r, spec).transpose(2, 1, 0)
+                depths[row] = r.depth.T
+                labels[row] = _id_map(r.objects, shape, [o.label + 1 for o in r.objects]).T
+                instances[row] = _id_map(r.objects, shape, list(range(1, len(r.objects) + 1))).T
+                n_obj += len(r.objects)
+                bar.update()
+    _write_mat73(root / "nyu_depth_v2_labeled.mat", {
+        "images": (images, "uint8"), "depths": (depths, "single"), "labels": (labels, "uint16"),
+        "instances": (instances, "uint8")})
+    _write_mat5(root / "splits.mat", {"trainNdxs": (rows["train"] + 1.0).reshape(-1, 1),
+                                      "testNdxs": (rows["test"] + 1.0).reshape(-1, 1)})
+    return {"images": {"train": n_train, "test": n_test}, "classes": s.n_classes, "objects": n_obj,
+            "depth_m": [float(depths.min()) if n else 0.0, float(depths.max()) if n else 0.0]}
+
+
 WRITERS: dict[str, Callable[[Path, WorldSpec], dict[str, Any]]] = {
     "imagenet": write_imagenet, "coco": write_coco, "openimages": write_openimages, "bdd100k": write_bdd100k,
-    "cls": write_cls, "voc": write_voc, "davis": write_davis,
+    "cls": write_cls, "voc": write_voc, "davis": write_davis, "nyud": write_nyud,
 }
 
 

@@ -376,6 +376,10 @@ def test_spec_validation_names_the_key() -> None:
         WorldSpec.from_dict({"voc": {"splits": {"train": 3}}})
     with pytest.raises(SpecError, match="bdd100k.weather"):
         WorldSpec.from_dict({"bdd100k": {"weather": {"hail": 1.0}}})
+    with pytest.raises(SpecError, match="nyud.splits"):
+        WorldSpec.from_dict({"nyud": {"splits": {"trainval": 3}}})
+    with pytest.raises(SpecError, match="nyud.depth_range"):
+        WorldSpec.from_dict({"nyud": {"depth_range": [6.0, 2.0]}})
     assert WorldSpec.from_dict({"seed": 5}).coco == WorldSpec().coco
 
 
