@@ -78,7 +78,10 @@ PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
     "finetune_det": {"steps": 24000, "batch_size": 16, "lr": 0.02, "schedule": "step", "milestones": [18000, 22000],
                      "warmup_steps": 100, "min_size_train": list(range(480, 801, 32)), "min_size_test": 800,
                      "max_size": 1333, "anchor_sizes": [32, 64, 128, 256, 512], "detections_per_img": 100,
-                     "score_thresh": 0.05, "use_07_metric": True},
+                     "score_thresh": 0.05, "use_07_metric": True,
+                     # detectron2's RPN / RoI sampling (MoCo's Base-RCNN-C4-BN: 6000 / 1000 proposals at test)
+                     "rpn_pre_nms_train": 12000, "rpn_post_nms_train": 2000, "rpn_pre_nms_test": 6000,
+                     "rpn_post_nms_test": 1000, "rpn_batch_per_image": 256, "roi_batch_per_image": 512},
     # NYUD-v2 (Laina et al.): images at half size, 228 x 304 crops, berHu loss, SGD lr 0.01, 20 epochs
     "finetune_depth": {"epochs": 20, "batch_size": 16, "lr": 0.01, "schedule": "poly", "resize": 0.5,
                        "crop_size": [228, 304], "decoder_channels": None, "n_up": 4},
@@ -91,7 +94,7 @@ def resolve_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if proto not in PROTOCOL_DEFAULTS:
         raise TargetError(f"fine-tuning protocol {proto!r} is unknown; choose one of {sorted(PROTOCOL_DEFAULTS)}")
     s = {**COMMON_DEFAULTS, **PROTOCOL_DEFAULTS[proto]}
-    unknown = [k for k in cfg if k not in s and k not in FORMAT_KEYS and k not in ("year", "sbd_root", "synthetic")]
+    unknown = [k for k in cfg if k not in s and k not in FORMAT_KEYS]
     if unknown:
         log.warning("target keys %s are not read by protocol %r", unknown, proto)
     s.update({k: v for k, v in cfg.items() if k in s})

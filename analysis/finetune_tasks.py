@@ -133,6 +133,10 @@ class DetectionTask(Task):
             backbone, len(self.train.classes), min_size=[int(v) for v in s["min_size_train"]],
             max_size=int(s["max_size"]), anchor_sizes=s["anchor_sizes"], mean=s["mean"], std=s["std"],
             box_detections_per_img=int(s["detections_per_img"]), box_score_thresh=float(s["score_thresh"]),
+            rpn_pre_nms_top_n_train=int(s["rpn_pre_nms_train"]), rpn_post_nms_top_n_train=int(s["rpn_post_nms_train"]),
+            rpn_pre_nms_top_n_test=int(s["rpn_pre_nms_test"]), rpn_post_nms_top_n_test=int(s["rpn_post_nms_test"]),
+            rpn_batch_size_per_image=int(s["rpn_batch_per_image"]),
+            box_batch_size_per_image=int(s["roi_batch_per_image"]),
         )  # fmt: skip
 
     def _image(self, split: Any, i: int) -> torch.Tensor:

@@ -658,6 +658,8 @@ TABLES: dict[str, TableSpec] = {
                         "Table 7: augmentation policies"),
     "table8": TableSpec(_sec4("table8"), _sec4("table8_plan"), _sec4("table8_enabled"), SEC4,
                         "Table 8: kNN-MoCo k and lambda"),
+    "table9": TableSpec(_sec4("table9"), _experiment_plan("table9"), _exp_enabled("table9"), SEC4,
+                        "Table 9: state-of-the-art comparison"),
     "mochi": TableSpec(table_mochi, mochi_plan, _exp_enabled("mochi"), MOCHI, "MoCHi (N, s, s')"),
     "mechanism": TableSpec(table_mechanism, _experiment_plan("mechanism"), _exp_enabled("mechanism"),
                            "MoCo mechanism", "MoCo v1 vs v2"),

@@ -326,3 +326,33 @@ def table8(config: Mapping, results: str | Path, rs: Mapping, paper: Mapping) ->
     empty = ["dataset", "variant", "k", "lambda", "warm-up epochs"]
     frame = pd.DataFrame(rows, columns=empty if not rows else None)
     return Table("table8", "Table 8: kNN-MoCo, number of neighbours k and weight lambda", frame, notes)
+
+
+# ------------------------------------------------------------------------------------------------ Table 9
+
+
+def table9(config: Mapping, results: str | Path, rs: Mapping, paper: Mapping) -> Table:
+    """State-of-the-art comparison: the experiment's variants (first = the baseline of the deltas) on every
+    target, fine-tuned and frozen; paper values on rows whose variant label a paper row ``plays``."""
+    from analysis.tables import _ablation_rows, experiment
+
+    exp = rs["table9"]["experiment"]
+    pairs = experiment_pairs(config, exp)
+    targets = experiment_targets(config, exp, rs.get("exclude_protocols", ()))
+    inputs = Inputs(results)
+    long = transfer_frame(inputs, pairs, targets, rs)
+    inputs.check("table9 (state-of-the-art comparison)")
+    rows_p = (paper.get("table9") or {}).get("rows") or []
+    prows = {label: r for r in rows_p for label in r.get("plays") or []}
+    base_v = experiment(config, exp)["variants"][0]
+
+    def method(v: str, s: dict) -> dict:
+        return {"paper row": (prows.get(variant_label(paper, v)) or {}).get("method")}
+
+    rows = _ablation_rows(config, rs, paper, long, pairs, targets, {d: base_v for d, _ in pairs}, prows, method)
+    cols = ["voc_seg", "cityscapes_seg", "nyud_seg", "voc07_cls", "imagenet_cls", "places", "davis_jf", "nyud_depth"]
+    others = [{**r, "variant": None} for r in rows_p if not r.get("plays")]
+    notes = [f"delta = value - value of {base_v} on the same dataset; metrics in percent except rmse (lower is "
+             "better). The paper's models are trained 800 epochs on COCO.", ROLE_NOTE,
+             _others_note("Table 9", others, cols, " / ".join(cols))]  # fmt: skip
+    return Table("table9", "Table 9: state-of-the-art comparison", pd.DataFrame(rows), [n for n in notes if n])

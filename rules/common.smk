@@ -111,11 +111,17 @@ def transfer_targets():
     return [f"{RES}/transfer/{d}/{v}/{t}.json" for d, v, t in transfer_triples()]
 
 
+FINETUNE_PROTOCOLS = ("finetune_seg", "finetune_det", "finetune_depth")
+FINETUNE_TARGETS = sorted(t for t, c in TARGETS.items() if c.get("protocol") in FINETUNE_PROTOCOLS)
+
+
 def transfer_batches():
-    """(dataset, variant) -> its targets, in a stable order: one transfer job evaluates one checkpoint."""
+    """(dataset, variant) -> its frozen-feature targets, in a stable order: one transfer job evaluates one
+    checkpoint. Fine-tuning targets are one job each (rule finetune): they train, and may ask for GPUs."""
     batches = {}
     for d, v, t in transfer_triples():
-        batches.setdefault((d, v), []).append(t)
+        if t not in FINETUNE_TARGETS:
+            batches.setdefault((d, v), []).append(t)
     return batches
 
 
@@ -185,15 +191,19 @@ def launcher(gpus):
 # ------------------------------------------------------------------------------------ transfer stage
 TR = config.get("transfer", {})
 TR_RES = TR.get("resources", {})
+FT_RES = TR.get("finetune_resources", TR_RES)
+
+
+def target_spec(variant, target):
+    """A target's config entry with the backbone the variant trains (transfer rejects another arch)."""
+    spec = {k: v for k, v in TARGETS[target].items() if k != "synthetic"}
+    spec.setdefault("arch", expected_arch(variant))
+    return spec
 
 
 def targets_json(variant, targets):
-    """The targets' config entries as one JSON word, each with the backbone the variant trains."""
-    specs = {}
-    for t in targets:
-        specs[t] = {k: v for k, v in TARGETS[t].items() if k != "synthetic"}
-        specs[t].setdefault("arch", expected_arch(variant))
-    return quoted_json(specs)
+    """The targets' config entries as one JSON word."""
+    return quoted_json({t: target_spec(variant, t) for t in targets})
 
 
 # -------------------------------------------------------------------------------------- report stage

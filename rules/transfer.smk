@@ -33,3 +33,40 @@ for (_d, _v), _targets in transfer_batches().items():
             "OMP_NUM_THREADS={threads} {params.py} -m analysis.transfer --checkpoint {input.ckpt} "
             "--targets-json {params.targets} --cache-dir {params.cache} --out-dir {params.out_dir} --no-progress "
             "2> {log}"
+
+
+# Fine-tuning (protocols finetune_seg / finetune_det / finetune_depth): one job per checkpoint x target, with
+# its own resources (transfer.finetune_resources; gpu > 1 -> the pretraining launcher, DDP + SyncBN). The run
+# state in results/finetune/ lets a killed job resume where it stopped.
+if FINETUNE_TARGETS:
+
+    rule finetune:
+        input:
+            ckpt=f"{RES}/pretrain/{{dataset}}/{{variant}}/checkpoint.pt",
+            world=lambda wc: [f"{SYN}/world.json"] if TARGETS[wc.target].get("synthetic") else [],
+        output:
+            f"{RES}/transfer/{{dataset}}/{{variant}}/{{target}}.json",
+        wildcard_constraints:
+            target="|".join(FINETUNE_TARGETS),
+        params:
+            target=lambda wc: quoted_json(target_spec(wc.variant, wc.target)),
+            state=lambda wc: f"{RES}/finetune/{wc.dataset}/{wc.variant}/{wc.target}",
+            launcher=lambda wc, resources: launcher(resources.gpu),
+            omp=lambda wc, threads, resources: max(1, threads // max(1, int(resources.gpu))),
+        threads: FT_RES.get("threads", 1)
+        resources:
+            mem_mb=FT_RES.get("mem_mb", 4000),
+            runtime=FT_RES.get("runtime", 60),
+            gpu=FT_RES.get("gpu", 0),
+            cpus_per_gpu=FT_RES.get("cpus_per_gpu", 0) or None,
+        log:
+            f"{RES}/logs/finetune/{{dataset}}/{{variant}}/{{target}}.log",
+        benchmark:
+            f"{RES}/benchmarks/finetune/{{dataset}}/{{variant}}/{{target}}.tsv"
+        conda:
+            ENV
+        shell:
+            "echo \"=== attempt started $(date -Is) on $(hostname)\" >> {log}; "
+            "OMP_NUM_THREADS={params.omp} {params.launcher} -m analysis.finetune --checkpoint {input.ckpt} "
+            "--name {wildcards.target} --target-json {params.target} --state-dir {params.state} --out {output} "
+            "--no-progress >> {log} 2>&1"

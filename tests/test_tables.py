@@ -19,6 +19,8 @@ TARGETS = {
     "syn_davis": {"protocol": "video_propagation", "format": "davis", "root": "unused"},
     "syn_cams": {"protocol": "cam", "format": "imagefolder", "root": "unused"},
     "syn_voc_retrieval": {"protocol": "segment_retrieval", "format": "voc_seg", "root": "unused"},
+    "syn_voc_seg_ft": {"protocol": "finetune_seg", "format": "voc_seg", "root": "unused"},
+    "syn_nyud_depth_ft": {"protocol": "finetune_depth", "format": "nyud_depth", "root": "unused"},
 }
 ALL_TARGETS = ["syn_cls_linear", "syn_voc_svm", "syn_davis", "syn_cams"]  # the `datasets` experiment's
 CC_MDOWN = ["method=moco_v2", "crop.n_small=4", "crop.constraint=inside", "moco.m=0.98"]
@@ -61,6 +63,8 @@ def make_config() -> dict:
             "mochi": {"datasets": ["syn_in"], "variants": ["moco_v2", "mochi_128_1024_512"],
                       "targets": ["syn_cls_linear"]},
             "mechanism": {"datasets": ["syn_in"], "variants": ["moco_v1", "moco_v2"], "targets": ["syn_cls_linear"]},
+            "finetune": {"datasets": ["syn_in"], "variants": ["random_init", "moco_v2"],
+                         "targets": ["syn_voc_seg_ft", "syn_nyud_depth_ft", "syn_voc_svm"]},
         },
     }  # fmt: skip
 
@@ -72,7 +76,7 @@ def write_json(path: Path, obj: dict) -> None:
 
 def write_transfer(res: Path, d: str, v: str, t: str, value: float, metrics: dict | None = None) -> None:
     metric = {"linear": "top1", "voc07_svm": "mAP", "video_propagation": "JF_mean", "cam": "top1",
-              "segment_retrieval": "mIoU_21"}[TARGETS[t]["protocol"]]
+              "segment_retrieval": "mIoU_21", "finetune_seg": "mIoU", "finetune_depth": "rmse"}[TARGETS[t]["protocol"]]
     write_json(T.transfer_path(res, d, v, t), {"target": t, "protocol": TARGETS[t]["protocol"], "metric": metric,
                                                "value": value, "metrics": {metric: value, **(metrics or {})}})
 
@@ -114,6 +118,8 @@ def results(tmp_path: Path) -> Path:
         ("syn_in", "mochi_128_1024_512"): {"syn_cls_linear": 0.52},
         ("syn_in", "moco_v1"): {"syn_cls_linear": 0.41},
     }  # fmt: skip
+    vals[("syn_in", "moco_v2")].update(syn_voc_seg_ft=0.30, syn_nyud_depth_ft=0.70)
+    vals[("syn_in", "random_init")].update(syn_voc_seg_ft=0.25, syn_nyud_depth_ft=0.90)
     for (d, v), per_t in vals.items():
         for t, x in per_t.items():
             extra = {"J_mean": x - 0.02, "F_mean": x + 0.02} if t == "syn_davis" else None
@@ -335,6 +341,20 @@ def test_mechanism_table(results, tmp_path):
     v2 = row(df, variant="moco_v2")
     assert v2["syn_cls_linear delta"] == pytest.approx(50.0 - 41.0)
     assert v2["tau"] == 0.2 and row(df, variant="moco_v1")["tau"] == 0.07
+
+
+def test_table9_fine_tuned_and_frozen_with_paper_rows_by_label(results, tmp_path):
+    df = build("table9", results, tmp_path / "tables")
+    moco, rand = row(df, variant="moco_v2"), row(df, variant="random_init")
+    assert moco["label"] == "MoCo" and moco["paper row"] == "MoCo" and rand["paper row"] == "Rand. init."
+    assert moco["syn_voc_seg_ft"] == pytest.approx(30.0) and moco["syn_voc_seg_ft delta"] == pytest.approx(5.0)
+    assert moco["syn_nyud_depth_ft"] == pytest.approx(0.70)  # rmse stays in metres, lower is better
+    assert moco["syn_nyud_depth_ft delta"] == pytest.approx(-0.20)
+    assert moco["syn_voc_seg_ft paper"] == 71.1 and moco["syn_nyud_depth_ft paper"] == 0.606
+    assert rand["syn_nyud_depth_ft paper"] == 0.867 and math.isnan(rand["syn_voc_svm paper"])
+    assert moco["syn_voc_svm paper"] == 81.0
+    md = (tmp_path / "tables" / "table9.md").read_text()
+    assert "DenseCL" in md and "VirTex" in md  # reference methods in the note
 
 
 def test_missing_input_names_file_and_snakemake_target(results, tmp_path):
