@@ -186,9 +186,11 @@ def _load_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
 
 def finetune(
     checkpoint: str | Path, name: str, cfg: Mapping[str, Any], *, state_dir: str | Path | None = None,
-    device: str | None = None, progress: bool = True, on_step: Callable[[int], None] | None = None,
+    device: str | None = None, progress: bool = True,
+    on_step: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Fine-tune ``checkpoint`` on target ``name`` and evaluate it; returns the result record (rank 0)."""
+    """Fine-tune ``checkpoint`` on target ``name`` and evaluate it; returns the result record (the caller
+    writes rank 0's). ``on_step(steps done, model)`` runs after each step (tests use it to stop a run)."""
     t0 = time.time()
     s = resolve_settings(cfg)
     rank, world, local_rank = _init_distributed()
@@ -199,8 +201,11 @@ def finetune(
     task = TASKS[cfg["protocol"]](name, cfg, s)
     backbone, info = load_backbone(checkpoint, arch=s["arch"])
     model = task.build(backbone).to(dev)
-    if world > 1 and s["sync_bn"]:
+    sync_bn = world > 1 and bool(s["sync_bn"]) and dev.type == "cuda"
+    if sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif world > 1 and s["sync_bn"]:  # torch's SyncBatchNorm runs on GPUs only
+        log.warning("sync_bn: SyncBatchNorm needs CUDA; on %s each process keeps its own BN statistics", dev)
     params = [p for p in model.parameters() if p.requires_grad]
     if s["optimizer"] == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=float(s["lr"]), momentum=float(s["momentum"]),
@@ -254,7 +259,7 @@ def finetune(
             atomic_save({"step": done, "fingerprint": fp, "model": model.state_dict(),
                          "optimizer": opt.state_dict()}, state_path)  # fmt: skip
         if on_step is not None:
-            on_step(done)
+            on_step(done, model)
     bar.close()
     model.eval()
     res = task.evaluate(model, dev, progress=progress and rank == 0)
@@ -265,7 +270,7 @@ def finetune(
         "target": name, "protocol": cfg["protocol"], "metric": task.metric, "value": value,
         "lower_is_better": task.lower_is_better, "metrics": res,
         "settings": {**s, "steps": total, "format": cfg.get("format"), "root": str(cfg.get("root")),
-                     "world_size": world, "bf16": bf16, "sync_bn": bool(world > 1 and s["sync_bn"])},
+                     "world_size": world, "bf16": bf16, "sync_bn": sync_bn},
         "final_loss": last, "resumed_from_step": start, "seconds": round(time.time() - t0, 3),
         "checkpoint": str(checkpoint), "checkpoint_sha256": sha, "arch": info.get("arch"), "device": str(dev),
         "n_train": n_train, "n_test": len(task.test),

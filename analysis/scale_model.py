@@ -38,7 +38,13 @@ TARGET_STAND_INS: dict[str, tuple[str, str]] = {
     "voc07": ("voc07", "voc"),
     "voc_seg": ("voc_seg", "voc"),
     "davis": ("davis", "davis"),
+    # fine-tuning: Cityscapes becomes the VOC-layout segmentation set (same protocol, 21 classes)
+    "cityscapes": ("voc_seg", "voc"),
+    "voc_det": ("voc_det", "voc"),
+    "nyud_depth": ("nyud_depth", "nyud"),
 }
+# Split names of a stand-in that differ from its format's defaults (the world has VOC2007 only, not 07+12).
+STAND_IN_SPLITS: dict[str, dict[str, str]] = {"voc_det": {"train": "2007_trainval", "test": "2007_test"}}
 
 # Per-protocol target sizes (the paper's 224 px / 480p would dominate the run time).
 PROTOCOL_SIZES: dict[str, dict[str, Any]] = {
@@ -48,6 +54,14 @@ PROTOCOL_SIZES: dict[str, dict[str, Any]] = {
     "cam": {"image_size": 32, "n_images": 4},
     "segment_retrieval": {"image_size": 64, "stride": 8, "n_segments": 5},
     "video_propagation": {"short_side": 48, "stride": 8},
+    # fine-tuning: two steps of two images (the paper's recipes are analysis.finetune's defaults)
+    "finetune_seg": {"steps": 2, "batch_size": 2, "crop_size": 32, "head_channels": 16},
+    "finetune_det": {"steps": 2, "batch_size": 2, "min_size_train": [72], "min_size_test": 72, "max_size": 128,
+                     "anchor_sizes": [8, 16, 32, 64], "score_thresh": 0.0, "rpn_pre_nms_train": 200,
+                     "rpn_post_nms_train": 50, "rpn_pre_nms_test": 100, "rpn_post_nms_test": 20,
+                     "rpn_batch_per_image": 32, "roi_batch_per_image": 16, "milestones": [], "warmup_steps": 0},
+    "finetune_depth": {"steps": 2, "batch_size": 2, "resize": 1.0, "crop_size": None, "decoder_channels": 16,
+                       "n_up": 3},
 }
 # Per-recipe overrides of linear targets: MoCo's 100 SGD epochs (analysis.linear_sgd) shrink to two, with the lr
 # step between them so the schedule still runs.
@@ -66,6 +80,7 @@ WORLD_SPEC: dict[str, Any] = {
     "cls": {"splits": {"train": 8, "val": 4}},
     "voc": {"splits": {"trainval": 40, "test": 40}},
     "davis": {"splits": {"train": 1, "val": 2}, "n_frames": 6},
+    "nyud": {"splits": {"train": 8, "test": 4}},
 }
 
 # Subset rules keep their kind; only their sizes shrink to what the world holds.
@@ -159,7 +174,10 @@ def derive(paper: Mapping[str, Any], results: str | Path) -> dict[str, Any]:
         fmt, folder = TARGET_STAND_INS[t["format"]]
         t.update(format=fmt, root=f"{syn}/{folder}", synthetic=True, **PROTOCOL_SIZES.get(t["protocol"], {}))
         t.update(RECIPE_SIZES.get(t.get("recipe", ""), {}))
-        t.pop("splits", None)  # each synthetic set has its format's default split names
+        for key in ("splits", "year", "sbd_root"):  # each synthetic set has its format's default split names
+            t.pop(key, None)
+        if fmt in STAND_IN_SPLITS:
+            t["splits"] = dict(STAND_IN_SPLITS[fmt])
     cfg["shards"].update(SHARDS)
     pre = cfg["pretrain"]
     paper_batch = next((int(o.split("=", 1)[1]) for o in pre["overrides"] if _key(o) == "batch_size"), None)
@@ -171,6 +189,7 @@ def derive(paper: Mapping[str, Any], results: str | Path) -> dict[str, Any]:
         pre["monitor"] = {**pre["monitor"], **MONITOR}
     cfg["variants"] = {v: _scale_variant(o, batch_factor) for v, o in cfg["variants"].items()}
     cfg.setdefault("transfer", {})["resources"] = dict(RESOURCES)
+    cfg["transfer"]["finetune_resources"] = dict(RESOURCES)
     report = cfg.setdefault("report", {})
     report["fig1"] = {**(report.get("fig1") or {}), **FIG1}
     return cfg

@@ -339,6 +339,15 @@ def transfer_frame(
     return pd.DataFrame(rows, columns=cols) if not rows else pd.DataFrame(rows)
 
 
+def raw_decimals(long: pd.DataFrame, rs: Mapping, columns: Iterable[str]) -> dict[str, int]:
+    """3 decimals for the columns of targets whose metric stays raw (rmse in metres: 0.629, not 0.6)."""
+    if long.empty or "metric" not in long:
+        return {}
+    raw = rs.get("raw_metrics", ())
+    targets = set(long.loc[[any(r in str(m) for r in raw) for m in long.metric], "target"])
+    return {c: 3 for c in columns if str(c).split(" ")[0] in targets}
+
+
 def _value(long: pd.DataFrame, d: str, v: str, t: str, col: str = "value") -> float:
     if long.empty or col not in long:
         return math.nan
@@ -459,7 +468,8 @@ def _per_dataset_table(
              "percent (fractions x 100) except rmse.", ROLE_NOTE]  # fmt: skip
     if prow_label:
         notes.append(f"Paper values are filled on rows whose variant plays '{prow_label}'.")
-    return Table(name, title, pd.DataFrame(rows), notes)
+    frame = pd.DataFrame(rows)
+    return Table(name, title, frame, notes, raw_decimals(long, rs, frame.columns))
 
 
 def table2(config: Mapping, results: str | Path, rs: Mapping, paper: Mapping) -> Table:
@@ -530,7 +540,8 @@ def table4(config: Mapping, results: str | Path, rs: Mapping, paper: Mapping) ->
                           (paper.get("table4") or {}).get("rows") or {}, flags)  # fmt: skip
     notes = [f"delta = value - value of {base_v} ('{variant_label(paper, base_v)}') on the same dataset; setup flags "
              "are read from each variant's composed study config.", ROLE_NOTE]  # fmt: skip
-    return Table("table4", "Table 4: learning invariances (ablation)", pd.DataFrame(rows), notes)
+    frame = pd.DataFrame(rows)
+    return Table("table4", "Table 4: learning invariances (ablation)", frame, notes, raw_decimals(long, rs, frame.columns))
 
 
 def mochi_plan(config: Mapping, results: str | Path, rs: Mapping) -> list[Path]:
@@ -603,8 +614,9 @@ def table_mechanism(config: Mapping, results: str | Path, rs: Mapping, paper: Ma
         return {"tau": s.get("moco.T"), "mlp head": s.get("moco.mlp"), "augmentation": s.get("aug.pipeline")}
 
     rows = _ablation_rows(config, rs, paper, long, pairs, targets, {d: base_v for d, _ in pairs}, {}, setup)
-    return Table("mechanism", "MoCo v1 vs MoCo v2", pd.DataFrame(rows),
-                 [f"delta = value - value of {base_v} on the same dataset."])
+    frame = pd.DataFrame(rows)
+    return Table("mechanism", "MoCo v1 vs MoCo v2", frame, [f"delta = value - value of {base_v} on the same dataset."],
+                 raw_decimals(long, rs, frame.columns))
 
 
 @dataclass(frozen=True)

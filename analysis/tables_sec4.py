@@ -31,6 +31,7 @@ from analysis.tables import (
     has_experiment,
     is_knn_variant,
     knn_setting,
+    raw_decimals,
     target_protocol,
     to_percent,
     transfer_frame,
@@ -355,4 +356,6 @@ def table9(config: Mapping, results: str | Path, rs: Mapping, paper: Mapping) ->
     notes = [f"delta = value - value of {base_v} on the same dataset; metrics in percent except rmse (lower is "
              "better). The paper's models are trained 800 epochs on COCO.", ROLE_NOTE,
              _others_note("Table 9", others, cols, " / ".join(cols))]  # fmt: skip
-    return Table("table9", "Table 9: state-of-the-art comparison", pd.DataFrame(rows), [n for n in notes if n])
+    frame = pd.DataFrame(rows)
+    return Table("table9", "Table 9: state-of-the-art comparison", frame, [n for n in notes if n],
+                 raw_decimals(long, rs, frame.columns))

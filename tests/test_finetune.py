@@ -1,10 +1,15 @@
 """Fine-tuned dense transfer: the models' structure, the schedule, and a killed run resuming exactly."""
 
 import json
+import os
+import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torchvision
 
 from analysis import finetune
@@ -104,7 +109,7 @@ class _Kill(Exception):
 
 
 def _kill_at(step):
-    def hook(done):
+    def hook(done, model):
         if done == step:
             raise _Kill
 
@@ -147,3 +152,47 @@ def test_cli_writes_a_result_the_tables_read(world, tmp_path):
     assert len(res["metrics"]["per_class_IoU"]) == 21 and np.isfinite(res["final_loss"])
     assert finetune.main(["--checkpoint", str(tmp_path / "missing.pt"), "--name", "T", "--target-json",
                           json.dumps(cfg), "--out", str(out)]) == 1  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, port: int, ckpt: str, cfg: dict, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+
+    def keep(done, model):
+        if done == cfg["steps"]:
+            torch.save({k: v.detach().clone() for k, v in model.named_parameters()}, f"{out}/rank{rank}.pt")
+
+    try:
+        res = finetune.finetune(ckpt, "seg", cfg, progress=False, on_step=keep)
+        if rank == 0:
+            finetune.write_json_atomic(res, Path(out) / "res.json")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_ddp_on_two_cpu_processes_keeps_the_replicas_equal(world, tmp_path):
+    """Two gloo processes split each global batch (slots rank::2); DDP's averaged gradients keep the two
+    replicas identical. On CPU SyncBN is off (torch runs it on GPUs only) and the result says so."""
+    ckpt = make_checkpoint(tmp_path / "c.pt")
+    cfg = _seg_cfg(world, steps=3, batch_size=4)
+    mp.spawn(_ddp_worker, args=(_free_port(), str(ckpt), cfg, str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert res["settings"]["world_size"] == 2 and res["settings"]["sync_bn"] is False
+
+
+def test_bf16_autocast_path_runs_on_cpu(world, tmp_path):
+    """precision: bf16 is the CUDA default; forcing it on CPU runs the same autocast code path."""
+    res = finetune.finetune(make_checkpoint(tmp_path / "c.pt"), "seg", _seg_cfg(world, steps=2, precision="bf16"),
+                            progress=False)  # fmt: skip
+    assert res["settings"]["bf16"] is True and np.isfinite(res["final_loss"])

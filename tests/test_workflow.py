@@ -112,7 +112,27 @@ def test_paper_config_plans_every_experiment_with_its_transfer_jobs_once_roots_e
         for d in spec["datasets"]:
             for v in spec["variants"]:
                 assert counts.get(f"transfer_{d}__{v}") == 1, (exp, d, v)  # one job per checkpoint
+    ft = {(d, v, t) for e in cfg["experiments"].values() for d in e["datasets"] for v in e["variants"]
+          for t in e["targets"] if cfg["targets"][t]["protocol"].startswith("finetune_")}  # fmt: skip
+    assert {t for _, _, t in ft} == {"voc_seg_ft", "cityscapes_seg_ft", "voc_det_ft", "nyud_depth_ft"}
+    assert counts["finetune"] == len(ft)  # one job per checkpoint x fine-tuning target
     assert counts["tables"] == counts["figures"] == 1
+
+
+def test_finetune_jobs_get_the_gpu_launcher_and_their_own_state(tmp_path, default_cfg):
+    """transfer.finetune_resources.gpu > 1 runs a fine-tuning job under torchrun (DDP), as pretraining does."""
+    cfg = copy.deepcopy(default_cfg)
+    cfg["transfer"]["finetune_resources"] = {"threads": 8, "gpu": 4}
+    cfg = _relocate(cfg, tmp_path)
+    cfg_path = tmp_path / "study.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "results" / "transfer" / "syn_in" / "moco_v2_long" / "syn_voc_det_ft.json"
+    res = subprocess.run([*SNAKEMAKE, str(out), "-n", "-p", "--cores", "8", "--configfile", str(cfg_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    cmd = next(line for line in res.stdout.splitlines() if "-m analysis.finetune" in line)
+    assert "torchrun --standalone --nproc_per_node=4" in cmd and "OMP_NUM_THREADS=2" in cmd
+    assert "--state-dir " + str(tmp_path / "results" / "finetune" / "syn_in" / "moco_v2_long" / "syn_voc_det_ft") in cmd
 
 
 def test_only_experiments_plans_one_experiment_and_names_unknown_ones(tmp_path, default_cfg):
