@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torchvision
 
-from analysis import finetune
+from analysis import finetune, finetune_tasks
 from analysis.dense_models import FCN, FCRN, berhu_loss, dilate_layer4, faster_rcnn_c4
 from analysis.targets import TargetError
 from data_prep.synthetic import make_world, tiny_spec
@@ -29,7 +29,7 @@ def make_checkpoint(path, seed=0, width=8):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return make_world(tmp_path_factory.mktemp("world"), tiny_spec(), only=["voc"])
+    return make_world(tmp_path_factory.mktemp("world"), tiny_spec(), only=["voc", "nyud"])
 
 
 def test_dilation_matches_torchvision_rule():
@@ -196,3 +196,43 @@ def test_bf16_autocast_path_runs_on_cpu(world, tmp_path):
     res = finetune.finetune(make_checkpoint(tmp_path / "c.pt"), "seg", _seg_cfg(world, steps=2, precision="bf16"),
                             progress=False)  # fmt: skip
     assert res["settings"]["bf16"] is True and np.isfinite(res["final_loss"])
+
+
+class _Oracle(torch.nn.Module):
+    """Returns the ground truth of the test images in evaluation order: the tasks' scoring must then be perfect,
+    which checks the plumbing (mask orientation, class offsets, box convention, depth layout) end to end."""
+
+    def __init__(self, answers):
+        super().__init__()
+        self.answers, self.i = answers, 0
+        self.transform = type("T", (), {"min_size": (0,)})()
+
+    def forward(self, x):
+        out = self.answers[self.i]
+        self.i += 1
+        return out
+
+
+def test_tasks_score_the_ground_truth_perfectly(world):
+    s = finetune.resolve_settings({"protocol": "finetune_seg", "steps": 1})
+    seg = finetune_tasks.SegmentationTask("seg", {"format": "voc_seg", "root": str(world / "voc")}, s)
+    masks = [seg.test.load_mask(i) for i in range(len(seg.test))]
+    logits = [torch.nn.functional.one_hot(torch.from_numpy(np.where(m == 255, 0, m)).long(), 21)
+              .permute(2, 0, 1)[None].float() for m in masks]  # fmt: skip
+    assert seg.evaluate(_Oracle(logits), torch.device("cpu"))["mIoU"] == 1.0
+
+    s = finetune.resolve_settings({"protocol": "finetune_det", "min_size_test": 72})
+    det = finetune_tasks.DetectionTask("det", {"format": "voc_det", "root": str(world / "voc"),
+                                               "splits": {"train": "2007_trainval", "test": "2007_test"}}, s)
+    outs = [[{"boxes": torch.as_tensor(det.test.boxes[i]), "scores": torch.ones(len(det.test.labels[i])),
+              "labels": torch.as_tensor(det.test.labels[i])}] for i in range(len(det.test))]  # fmt: skip
+    res = det.evaluate(_Oracle(outs), torch.device("cpu"))
+    assert res["AP50"] == res["AP75"] == res["AP"] == 1.0
+
+    s = finetune.resolve_settings({"protocol": "finetune_depth", "resize": 1.0})
+    dep = finetune_tasks.DepthTask("depth", {"format": "nyud_depth", "root": str(world / "nyud")}, s)
+    depths = [torch.from_numpy(dep.test.load_depth(i))[None] for i in range(len(dep.test))]
+    res = dep.evaluate(_Oracle(depths), torch.device("cpu"))
+    assert res["rmse"] == 0.0 and res["delta1"] == 1.0
+    off = [d + 0.5 * (d > 0) for d in depths]  # every valid pixel 0.5 m too far: rmse 0.5 exactly
+    assert dep.evaluate(_Oracle(off), torch.device("cpu"))["rmse"] == pytest.approx(0.5)
