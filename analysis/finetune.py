@@ -18,6 +18,7 @@ The result JSON has the same fields as ``analysis.transfer``'s, so the tables re
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -126,6 +127,11 @@ def lr_at(step: int, total: int, s: Mapping[str, Any]) -> float:
     return lr
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 def batch_slots(step: int, batch: int, n: int, seed: int) -> list[tuple[int, int]]:
     """(image index, augmentation seed) of each slot of ``step``'s batch: images are read in epochs, each a
     seeded permutation, so the stream depends on (seed, step) alone, not on when the run was restarted."""
@@ -133,9 +139,24 @@ def batch_slots(step: int, batch: int, n: int, seed: int) -> list[tuple[int, int
     for j in range(batch):
         p = step * batch + j
         epoch, k = divmod(p, n)
-        perm = np.random.default_rng([seed, epoch]).permutation(n)
-        out.append((int(perm[k]), p))
+        out.append((int(_epoch_order(seed, epoch, n)[k]), p))
     return out
+
+
+class StepBatches:
+    """The batch sampler of steps ``start``..``total - 1``, this process's share (slots rank::world), made
+    lazily: a 24k-step schedule is never materialised."""
+
+    def __init__(self, start: int, total: int, batch: int, n: int, seed: int, rank: int = 0, world: int = 1):
+        self.start, self.total, self.batch, self.n, self.seed = start, total, batch, n, seed
+        self.rank, self.world = rank, world
+
+    def __len__(self) -> int:
+        return max(self.total - self.start, 0)
+
+    def __iter__(self):
+        for k in range(self.start, self.total):
+            yield batch_slots(k, self.batch, self.n, self.seed)[self.rank :: self.world]
 
 
 class _Samples(torch.utils.data.Dataset):
@@ -234,7 +255,7 @@ def finetune(
             model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
     bf16 = s["precision"] == "bf16" or (s["precision"] == "auto" and dev.type == "cuda")
     samples = _Samples(task, int(s["seed"]))
-    slots = [batch_slots(k, batch, n_train, int(s["seed"]))[rank::world] for k in range(start, total)]
+    slots = StepBatches(start, total, batch, n_train, int(s["seed"]), rank, world)
     loader = torch.utils.data.DataLoader(samples, batch_sampler=slots, collate_fn=task.collate,
                                          num_workers=int(s["num_workers"]))  # fmt: skip
     model.train()
@@ -261,8 +282,10 @@ def finetune(
         if on_step is not None:
             on_step(done, model)
     bar.close()
+    if rank != 0:  # the replicas are identical after DDP's averaged steps: rank 0 alone tests and reports
+        return {"target": name, "rank": rank, "steps": total}
     model.eval()
-    res = task.evaluate(model, dev, progress=progress and rank == 0)
+    res = task.evaluate(model, dev, progress=progress)
     value = float(res[task.metric])
     if not np.isfinite(value):
         raise ValueError(f"target {name!r}: metric {task.metric} is {value}; check the splits")

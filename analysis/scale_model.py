@@ -55,13 +55,14 @@ PROTOCOL_SIZES: dict[str, dict[str, Any]] = {
     "segment_retrieval": {"image_size": 64, "stride": 8, "n_segments": 5},
     "video_propagation": {"short_side": 48, "stride": 8},
     # fine-tuning: two steps of two images (the paper's recipes are analysis.finetune's defaults)
-    "finetune_seg": {"steps": 2, "batch_size": 2, "crop_size": 32, "head_channels": 16},
+    "finetune_seg": {"steps": 2, "batch_size": 2, "crop_size": 32, "head_channels": 16, "num_workers": 0},
     "finetune_det": {"steps": 2, "batch_size": 2, "min_size_train": [72], "min_size_test": 72, "max_size": 128,
                      "anchor_sizes": [8, 16, 32, 64], "score_thresh": 0.0, "rpn_pre_nms_train": 200,
                      "rpn_post_nms_train": 50, "rpn_pre_nms_test": 100, "rpn_post_nms_test": 20,
-                     "rpn_batch_per_image": 32, "roi_batch_per_image": 16, "milestones": [], "warmup_steps": 0},
+                     "rpn_batch_per_image": 32, "roi_batch_per_image": 16, "milestones": [], "warmup_steps": 0,
+                     "num_workers": 0},
     "finetune_depth": {"steps": 2, "batch_size": 2, "resize": 1.0, "crop_size": None, "decoder_channels": 16,
-                       "n_up": 3},
+                       "n_up": 3, "num_workers": 0},
 }
 # Per-recipe overrides of linear targets: MoCo's 100 SGD epochs (analysis.linear_sgd) shrink to two, with the lr
 # step between them so the schedule still runs.

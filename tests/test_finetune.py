@@ -90,6 +90,9 @@ def test_batches_cover_each_epoch_once_and_depend_on_the_step_only():
     assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
     assert finetune.batch_slots(3, 4, 10, seed=3) == finetune.batch_slots(3, 4, 10, seed=3)
     assert finetune.batch_slots(0, 4, 10, seed=3) != finetune.batch_slots(0, 4, 10, seed=4)
+    # resumed at step 2 on two processes: the two shares of each step are exactly that step's global batch
+    shares = [list(finetune.StepBatches(2, 5, 4, 10, 3, rank, 2)) for rank in (0, 1)]
+    assert [sorted(a + b) for a, b in zip(*shares, strict=True)] == [sorted(finetune.batch_slots(k, 4, 10, 3)) for k in (2, 3, 4)]
 
 
 def test_bad_settings_are_named():
