@@ -241,13 +241,14 @@ def finetune(
     sha = file_sha256(checkpoint)
     fp = _fingerprint(sha, name, s, world)
     state_path = Path(state_dir) / "state.pt" if state_dir else None
-    start = 0
+    start, last = 0, float("nan")
     if state_path is not None:
         state = _load_state(state_path, fp)
         if state is not None:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             start = int(state["step"])
+            last = float(state.get("loss", float("nan")))
             log.info("resuming %s from step %d of %d (%s)", name, start, total, state_path)
     train_model = model
     if world > 1:
@@ -259,7 +260,6 @@ def finetune(
     loader = torch.utils.data.DataLoader(samples, batch_sampler=slots, collate_fn=task.collate,
                                          num_workers=int(s["num_workers"]))  # fmt: skip
     model.train()
-    last = float("nan")
     bar = tqdm(total=total, initial=start, desc=f"finetune {name}", disable=not progress or rank != 0)
     for step, items in zip(range(start, total), loader, strict=True):
         for g in opt.param_groups:
@@ -278,7 +278,7 @@ def finetune(
         if state_path is not None and rank == 0 and (done % int(s["save_every"]) == 0 or done == total):
             state_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_save({"step": done, "fingerprint": fp, "model": model.state_dict(),
-                         "optimizer": opt.state_dict()}, state_path)  # fmt: skip
+                         "optimizer": opt.state_dict(), "loss": last}, state_path)  # fmt: skip
         if on_step is not None:
             on_step(done, model)
     bar.close()

@@ -132,6 +132,10 @@ def test_killed_run_resumes_exactly(world, tmp_path):
     a = torch.load(tmp_path / "a" / "state.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "b" / "state.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # killed after the last save, before the result was written: the rerun only tests, with the same numbers
+    again = finetune.finetune(ckpt, "seg", cfg, state_dir=tmp_path / "b", progress=False)
+    assert again["resumed_from_step"] == 6 and again["metrics"] == full["metrics"]
+    assert again["final_loss"] == full["final_loss"]
 
 
 def test_state_of_other_settings_is_refused_and_a_damaged_one_set_aside(world, tmp_path):
