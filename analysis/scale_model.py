@@ -57,9 +57,9 @@ PROTOCOL_SIZES: dict[str, dict[str, Any]] = {
     # fine-tuning: two steps of two images (the paper's recipes are analysis.finetune's defaults)
     "finetune_seg": {"steps": 2, "batch_size": 2, "crop_size": 32, "head_channels": 16, "num_workers": 0},
     "finetune_det": {"steps": 2, "batch_size": 2, "min_size_train": [72], "min_size_test": 72, "max_size": 128,
-                     "anchor_sizes": [8, 16, 32, 64], "score_thresh": 0.0, "rpn_pre_nms_train": 200,
-                     "rpn_post_nms_train": 50, "rpn_pre_nms_test": 100, "rpn_post_nms_test": 20,
-                     "rpn_batch_per_image": 32, "roi_batch_per_image": 16, "milestones": [], "warmup_steps": 0,
+                     "anchor_sizes": [8, 16, 32, 64], "score_thresh": 0.0, "rpn_pre_nms_train": 100,
+                     "rpn_post_nms_train": 16, "rpn_pre_nms_test": 50, "rpn_post_nms_test": 4,
+                     "rpn_batch_per_image": 32, "roi_batch_per_image": 8, "milestones": [], "warmup_steps": 0,
                      "num_workers": 0},
     "finetune_depth": {"steps": 2, "batch_size": 2, "resize": 1.0, "crop_size": None, "decoder_channels": 16,
                        "n_up": 3, "num_workers": 0},
