@@ -125,6 +125,27 @@ def transfer_batches():
     return batches
 
 
+def _last_override(overrides, key, default):
+    value = default
+    for o in overrides:
+        if o.split("=", 1)[0] == key:
+            value = o.split("=", 1)[1]
+    return value
+
+
+def pretrain_priority(wildcards):
+    """Longest runs first (epochs): on a few cores, the jobs that wait on a long run then do not form a tail."""
+    try:
+        return float(_last_override(PRE["overrides"] + VARIANTS[wildcards.variant], "epochs", 0))
+    except ValueError:
+        return 0
+
+
+def finetune_priority(wildcards):
+    """A fine-tuning job as soon as its checkpoint exists, the longest (steps) first."""
+    return float(TARGETS[wildcards.target].get("steps") or 0)
+
+
 def expected_arch(variant):
     """The backbone a variant trains (last `model=` override wins), so transfer can reject a wrong checkpoint."""
     arch = "resnet18"

@@ -12,6 +12,7 @@ rule pretrain:
         launcher=lambda wc, resources: launcher(resources.gpu),
         omp=lambda wc, threads, resources: max(1, threads // max(1, int(resources.gpu))),
     threads: PRE_RES.get("threads", 1)
+    priority: pretrain_priority
     resources:
         mem_mb=PRE_RES.get("mem_mb", 4000),
         runtime=PRE_RES.get("runtime", 60),

@@ -54,6 +54,7 @@ if FINETUNE_TARGETS:
             launcher=lambda wc, resources: launcher(resources.gpu),
             omp=lambda wc, threads, resources: max(1, threads // max(1, int(resources.gpu))),
         threads: FT_RES.get("threads", 1)
+        priority: finetune_priority
         resources:
             mem_mb=FT_RES.get("mem_mb", 4000),
             runtime=FT_RES.get("runtime", 60),
