@@ -514,13 +514,22 @@ def _ablation_rows(
     return rows
 
 
-def table4(config: Mapping, results: str | Path, rs: Mapping, paper: Mapping) -> Table:
-    exp = rs["table4"]["experiment"]
+def experiment_results(
+    config: Mapping, results: str | Path, rs: Mapping, key: str, what: str
+) -> tuple[str, list[tuple[str, str]], list[str], pd.DataFrame]:
+    """The experiment of ``report.<key>``, its (dataset, variant) pairs and targets, and their results as a
+    long frame; stops naming every missing result file (``what`` names the table)."""
+    exp = rs[key]["experiment"]
     pairs = experiment_pairs(config, exp)
     targets = experiment_targets(config, exp, rs.get("exclude_protocols", ()))
     inputs = Inputs(results)
     long = transfer_frame(inputs, pairs, targets, rs)
-    inputs.check("table4 (invariance ablation)")
+    inputs.check(what)
+    return exp, pairs, targets, long
+
+
+def table4(config: Mapping, results: str | Path, rs: Mapping, paper: Mapping) -> Table:
+    exp, pairs, targets, long = experiment_results(config, results, rs, "table4", "table4 (invariance ablation)")
     variants = experiment(config, exp)["variants"]
     base_v = next((v for v in variants if variant_label(paper, v) == "MoCo"), variants[0])
 
@@ -602,12 +611,7 @@ def table_mochi(config: Mapping, results: str | Path, rs: Mapping, paper: Mappin
 
 
 def table_mechanism(config: Mapping, results: str | Path, rs: Mapping, paper: Mapping) -> Table:
-    exp = rs["mechanism"]["experiment"]
-    pairs = experiment_pairs(config, exp)
-    targets = experiment_targets(config, exp, rs.get("exclude_protocols", ()))
-    inputs = Inputs(results)
-    long = transfer_frame(inputs, pairs, targets, rs)
-    inputs.check("mechanism (MoCo v1 vs v2)")
+    exp, pairs, targets, long = experiment_results(config, results, rs, "mechanism", "mechanism (MoCo v1 vs v2)")
     base_v = experiment(config, exp)["variants"][0]
 
     def setup(v: str, s: dict) -> dict:

@@ -335,14 +335,10 @@ def table8(config: Mapping, results: str | Path, rs: Mapping, paper: Mapping) ->
 def table9(config: Mapping, results: str | Path, rs: Mapping, paper: Mapping) -> Table:
     """State-of-the-art comparison: the experiment's variants (first = the baseline of the deltas) on every
     target, fine-tuned and frozen; paper values on rows whose variant label a paper row ``plays``."""
-    from analysis.tables import _ablation_rows, experiment
+    from analysis.tables import _ablation_rows, experiment, experiment_results
 
-    exp = rs["table9"]["experiment"]
-    pairs = experiment_pairs(config, exp)
-    targets = experiment_targets(config, exp, rs.get("exclude_protocols", ()))
-    inputs = Inputs(results)
-    long = transfer_frame(inputs, pairs, targets, rs)
-    inputs.check("table9 (state-of-the-art comparison)")
+    exp, pairs, targets, long = experiment_results(config, results, rs, "table9",
+                                                   "table9 (state-of-the-art comparison)")  # fmt: skip
     rows_p = (paper.get("table9") or {}).get("rows") or []
     prows = {label: r for r in rows_p for label in r.get("plays") or []}
     base_v = experiment(config, exp)["variants"][0]
