@@ -187,7 +187,7 @@ class DepthTask(Task):
         if f != 1.0:
             size = (max(1, round(img.width * f)), max(1, round(img.height * f)))
             img = img.resize(size, Image.BILINEAR)
-            depth = np.asarray(Image.fromarray(depth, mode="F").resize(size, Image.NEAREST), np.float32)
+            depth = np.asarray(Image.fromarray(depth.astype(np.float32)).resize(size, Image.NEAREST), np.float32)
         return _normalise(img, self.s["mean"], self.s["std"]), torch.from_numpy(depth.copy())
 
     def sample(self, i: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -243,3 +243,14 @@ def test_tasks_score_the_ground_truth_perfectly(world):
     assert res["rmse"] == 0.0 and res["delta1"] == 1.0
     off = [d + 0.5 * (d > 0) for d in depths]  # every valid pixel 0.5 m too far: rmse 0.5 exactly
     assert dep.evaluate(_Oracle(off), torch.device("cpu"))["rmse"] == pytest.approx(0.5)
+
+
+def test_depth_samples_at_the_paper_recipe_shape(world):
+    """resize 0.5 then a fixed crop (the paper's 228 x 304 on NYUD's 480 x 640): a crop larger than the resized
+    image is padded with depth 0, which the loss and the metrics read as missing."""
+    s = finetune.resolve_settings({"protocol": "finetune_depth", "resize": 0.5, "crop_size": [30, 20]})
+    task = finetune_tasks.DepthTask("d", {"format": "nyud_depth", "root": str(world / "nyud")}, s)
+    h, w = task.train.load_depth(0).shape
+    x, d = task.sample(0, np.random.default_rng(0))
+    assert x.shape == (3, 30, 20) and d.shape == (30, 20)
+    assert (d[round(h * 0.5):] == 0).all() and (d[: round(h * 0.5)] > 0).any()
