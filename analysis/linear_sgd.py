@@ -27,16 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from analysis import metrics
-
-RECIPES = ("lbfgs", "moco_sgd")
-# main_lincls.py's defaults; each is a target key of a `recipe: moco_sgd` target (batch_size also sizes the
-# feature extractor's batches, which this recipe does not use otherwise).
-MOCO_SGD_DEFAULTS: dict[str, Any] = {
-    "epochs": 100, "lr": 30.0, "momentum": 0.9, "weight_decay": 0.0, "milestones": [60, 80], "lr_gamma": 0.1,
-    "batch_size": 256, "init_std": 0.01, "seed": 0,
-}  # fmt: skip
-# Keys of the L-BFGS recipe that a moco_sgd target does not read (dropped from its settings).
-LBFGS_KEYS = ("wd_grid", "val_fraction", "max_iter")
+from analysis.target_settings import LBFGS_KEYS, MOCO_SGD_DEFAULTS, RECIPES  # noqa: F401 (re-exported)
 
 
 def lr_at_epoch(epoch: int, lr: float, milestones: Sequence[int], gamma: float = 0.1) -> float:

@@ -16,12 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from analysis import metrics
-
-DEFAULT_WD_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
-# The paper's 7 classes (bus, airplane, car, person, cat, cow, bottle): exactly the VOC classes MaskContrast's
-# retrieval config does not ignore (segmentation/configs/retrieval/retrieval_VOCSegmentation_unsupervised_saliency
-# .yml, `ignore_classes`: the other 13). Override with `subset_classes`.
-DEFAULT_SUBSET_CLASSES = ("aeroplane", "bottle", "bus", "car", "cat", "cow", "person")
+from analysis.target_settings import DEFAULT_SUBSET_CLASSES, DEFAULT_WD_GRID
 
 
 def _device(device: str | torch.device | None) -> torch.device:

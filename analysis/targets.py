@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from analysis.target_settings import TargetError
+
 if TYPE_CHECKING:
     from analysis.dense_targets import DepthSplit, DetectionSplit
 
@@ -26,10 +28,6 @@ VOC_CLASSES: list[str] = [
 ]  # fmt: skip
 VOC_SEG_CLASSES: list[str] = ["background", *VOC_CLASSES]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class TargetError(ValueError):
-    """A target dataset is misconfigured, malformed or empty."""
 
 
 class TargetNotFoundError(TargetError, FileNotFoundError):

@@ -10,9 +10,10 @@ torch start-up, which dominates small evaluations, is paid once per checkpoint r
 Each target's JSON is written atomically as soon as it is done; a target that fails does not stop the others,
 and the command then exits non-zero naming every failed target.
 
-The target JSON is one entry of the config's ``targets:``; its keys are listed in ``COMMON_DEFAULTS``,
-``PROTOCOL_DEFAULTS`` and ``FORMAT_KEYS``. Unknown keys are logged (not fatal: configs may carry keys for
-other stages), every resolved setting is echoed into the output so a result file says how it was made.
+The target JSON is one entry of the config's ``targets:``; ``analysis.target_settings`` lists its keys, their
+defaults, types and ranges. A target with an unknown key, no input size or a value out of range is refused
+with one line per problem (the workflow checks the same at plan time); every resolved setting is echoed into
+the output, with the keys that came from the protocol's defaults, so a result file says how it was made.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from analysis import linear_sgd, metrics, protocols
-from analysis.features import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor, FeatureSpec
+from analysis import linear_sgd, metrics, protocols, target_settings
+from analysis.features import CheckpointArchError, FeatureExtractor, FeatureSpec, read_checkpoint
+from analysis.target_settings import FORMAT_KEYS  # noqa: F401 (callers read it from here)
 from analysis.targets import (
     ImageSplit,
     SegmentationSplit,
@@ -41,60 +43,14 @@ from analysis.targets import (
     load_label_png,
     load_split,
 )
+from study.runstate import first_line
 
 log = logging.getLogger("analysis.transfer")
 
-FORMAT_KEYS = (
-    "format",
-    "root",
-    "splits",
-    "classes",
-    "resolution",
-    "split_seed",
-    "test_fraction",
-    "protocol",
-    "arch",
-    "year",  # voc_seg / voc_det: VOC<year>/ under root (analysis.dense_targets)
-    "sbd_root",  # voc_seg train_aug built from SBD
-    "synthetic",
-)
-COMMON_DEFAULTS: dict[str, Any] = {
-    "image_size": 224,  # s: Resize(s * resize_ratio) -> CenterCrop(s) for pooled features
-    "resize_ratio": 256 / 224,  # ~1.14; exactly Resize 256 -> CenterCrop 224 at s = 224 (REFERENCE.md)
-    "mean": list(IMAGENET_MEAN),
-    "std": list(IMAGENET_STD),
-    "batch_size": 64,
-    "num_workers": 0,
-    "arch": None,  # expected backbone arch; a checkpoint of another arch is an error
-    # re-estimate BN statistics on the train split before extracting pooled features (linear, knn, voc07_svm);
-    # off in the paper's protocol, see analysis.features.recalibrate_bn
-    "bn_recalibrate": False,
-}
-_LINEAR = {"wd_grid": list(protocols.DEFAULT_WD_GRID), "val_fraction": 0.2, "max_iter": 300, "seed": 0}
-PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "linear": {**_LINEAR, "recipe": "lbfgs"},  # or "moco_sgd": analysis.linear_sgd (its keys replace L-BFGS's)
-    "knn": {"k": 20, "temperature": 0.07},
-    "voc07_svm": {"C": 0.5, "pos_weight": 2.0, "max_iter": 2000, "ap": "voc"},
-    "segment_retrieval": {
-        "image_size": 448, "layer": "layer4", "stride": 16, "n_segments": 15, "kmeans_iters": 30, "seed": 0,
-        "subset_classes": list(protocols.DEFAULT_SUBSET_CLASSES), "store_dtype": "float16",
-        # K-means segments cover the whole image, so background votes like a class ("keep"); "drop" applies
-        # MaskContrast's bank vote literally (its saliency segments never carry background)
-        "background": "keep",
-    },
-    "video_propagation": {
-        "short_side": 480, "layer": "layer3", "stride": 8, "topk": 10, "context": 20, "radius": 12,
-        "temperature": 0.05, "bound_th": 0.008, "exclude_last": True, "chunk": 512, "store_dtype": "float16",
-        # davis2017-evaluation reads GT 255 (void) as background (davis.py _get_all_elements sets 255 to 0), so
-        # its void mask is empty; "exclude" leaves void pixels out of J and F instead (a deviation, opt-in)
-        "void": "background",
-    },
-    # CAMs: one test image per class for the first `n_images` classes (or the listed `images`), every feature
-    # at `cam_size` ("auto": the smallest size >= image_size whose layer4 map is >= cam_min_map on a side, 224
-    # on a stride-32 ResNet as in the paper; an int; null: image_size); see _run_cam
-    "cam": {**_LINEAR, "images": None, "n_images": 10, "cam_size": "auto", "cam_min_map": 7, "cam_class": "predicted",
-            "cam_out": None},
-}  # fmt: skip
+# The target keys, their defaults, types and ranges live in analysis.target_settings (shared with the plan);
+# these names stay for the callers that read them from here.
+COMMON_DEFAULTS = target_settings.TRANSFER_COMMON
+PROTOCOL_DEFAULTS = target_settings.TRANSFER_DEFAULTS
 PRIMARY_METRIC = {
     "linear": None,  # top1 or mAP, by label type
     "knn": "top1",
@@ -105,24 +61,18 @@ PRIMARY_METRIC = {
 }
 
 
-def resolve_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Defaults of the protocol, overridden by the target config; unknown keys are logged."""
+def resolve_settings(cfg: Mapping[str, Any], name: str = "?") -> dict[str, Any]:
+    """Defaults of the protocol, overridden by the target config; unknown keys, missing input sizes and values
+    out of range raise ``TargetSpecError`` (one line each, see ``analysis.target_settings``)."""
+    return _resolve(name, cfg)[0]
+
+
+def _resolve(name: str, cfg: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     proto = cfg.get("protocol")
     if proto not in PROTOCOL_DEFAULTS:
-        raise TargetError(f"target protocol {proto!r} is unknown; choose one of {sorted(PROTOCOL_DEFAULTS)}")
-    settings = {**COMMON_DEFAULTS, **PROTOCOL_DEFAULTS[proto]}
-    if proto == "linear":
-        recipe = cfg.get("recipe", settings["recipe"])
-        if recipe not in linear_sgd.RECIPES:
-            raise TargetError(f"target recipe {recipe!r} is unknown; choose one of {list(linear_sgd.RECIPES)}")
-        if recipe == "moco_sgd":  # the recipe's own keys; the L-BFGS ones would be echoed but never read
-            settings = {k: v for k, v in settings.items() if k not in linear_sgd.LBFGS_KEYS}
-            settings.update(linear_sgd.MOCO_SGD_DEFAULTS)
-    unknown = [k for k in cfg if k not in settings and k not in FORMAT_KEYS]
-    if unknown:
-        log.warning("target keys %s are not read by protocol %r", unknown, proto)
-    settings.update({k: v for k, v in cfg.items() if k not in FORMAT_KEYS or k == "arch"})
-    return settings
+        hint = "; fine-tuning targets run with analysis.finetune" if proto in target_settings.FINETUNE_PROTOCOLS else ""
+        raise TargetError(f"target protocol {proto!r} is unknown; choose one of {sorted(PROTOCOL_DEFAULTS)}{hint}")
+    return target_settings.resolve(name, cfg)
 
 
 def _pooled_spec(s: Mapping[str, Any], calib: ImageSplit | None = None) -> FeatureSpec:
@@ -420,7 +370,7 @@ def run_target(
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on target ``name`` (config mapping ``cfg``); returns the result record."""
     t0 = time.time()
-    s = resolve_settings(cfg)
+    s, defaulted = _resolve(name, cfg)
     ext = FeatureExtractor(
         checkpoint, cache_dir, expect_arch=s["arch"], target=name, device=device,
         batch_size=int(s["batch_size"]), num_workers=int(s["num_workers"]), progress=progress,
@@ -444,6 +394,7 @@ def run_target(
         "value": float(value),
         "metrics": res,
         "settings": {**s, **proto_settings, "format": cfg.get("format"), "root": str(cfg.get("root"))},
+        "defaulted": defaulted,  # setting keys the target left to the protocol's documented defaults
         "seconds": round(time.time() - t0, 3),
         "checkpoint": str(checkpoint),
         "checkpoint_sha256": ext.sha256,
@@ -504,12 +455,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", handlers=handlers
     )
+    try:  # an unreadable checkpoint fails every target the same way: say it once, in one line
+        read_checkpoint(args.checkpoint)
+    except (OSError, ValueError) as exc:
+        print(f"error: {first_line(exc, limit=400)}", file=sys.stderr)
+        return 1
     failed = []
     for i, (name, (cfg, out)) in enumerate(jobs.items(), 1):
         log.info("[%d/%d] %s (%s) on %s", i, len(jobs), name, cfg.get("protocol"), args.checkpoint)
         try:
             result = run_target(args.checkpoint, name, cfg, args.cache_dir, device=args.device, out=out,
                                 progress=not args.no_progress)  # fmt: skip
+        except (TargetError, CheckpointArchError, FileNotFoundError) as exc:  # a config / data problem: no traceback
+            log.error("target %s failed: %s", name, exc)
+            failed.append(f"{name}: {exc}")
+            continue
         except Exception as exc:  # keep evaluating the other targets; report every failure at the end
             log.exception("target %s failed: %s", name, exc)
             failed.append(f"{name}: {type(exc).__name__}: {exc}")

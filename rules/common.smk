@@ -25,6 +25,7 @@ if workflow.basedir not in sys.path:
 
 from analysis.grid import GridError, check_grid, select_experiments
 from analysis.tables import ReportConfigError
+from analysis.target_settings import TargetSpecError, check_targets
 
 try:
     select_experiments(config, config.get("only_experiments"))  # e.g. --config only_experiments=davis
@@ -34,6 +35,10 @@ except GridError as exc:
 
 def check_config():
     """Catch what the schema cannot: roots on disk and names that refer to other config keys."""
+    try:  # every target's keys, types, ranges and input size against its protocol (analysis/target_settings.py)
+        check_targets(TARGETS)
+    except TargetSpecError as exc:
+        raise WorkflowError(str(exc)) from None
     if any(d.get("synthetic") for d in DATASETS.values()) and "synthetic" not in config:
         raise WorkflowError("config: a dataset has `synthetic: true` but there is no `synthetic:` section; "
                             "add `synthetic: {out: results/synthetic}` or set the dataset's real root.")

@@ -76,12 +76,18 @@ def test_fcrn_output_size_and_berhu_by_hand(tmp_path):
     assert berhu_loss(pred, gt, gt > 0).item() == pytest.approx((0.1 + 2.6) / 2)
 
 
+# where the data is and the input size: every target names them (analysis.target_settings)
+SEG = {"format": "voc_seg", "root": "unused", "crop_size": 32}
+DET = {"format": "voc_det", "root": "unused", "min_size_train": [72], "min_size_test": 72, "max_size": 128}
+DEPTH = {"format": "nyud_depth", "root": "unused", "resize": 1.0, "crop_size": None}
+
+
 def test_lr_schedules_by_hand():
-    s = finetune.resolve_settings({"protocol": "finetune_det", "lr": 0.02, "milestones": [6, 8], "warmup_steps": 2})
+    s = finetune.resolve_settings({"protocol": "finetune_det", "lr": 0.02, "milestones": [6, 8], "warmup_steps": 2, **DET})
     assert finetune.lr_at(0, 10, s) == pytest.approx(0.02 * 1e-3)
     assert finetune.lr_at(1, 10, s) == pytest.approx(0.02 * (1e-3 * 0.5 + 0.5))
     assert [finetune.lr_at(k, 10, s) for k in (5, 6, 8)] == pytest.approx([0.02, 0.002, 0.0002])
-    p = finetune.resolve_settings({"protocol": "finetune_seg", "lr": 0.01})
+    p = finetune.resolve_settings({"protocol": "finetune_seg", "lr": 0.01, **SEG})
     assert finetune.lr_at(5, 10, p) == pytest.approx(0.01 * 0.5**0.9)
 
 
@@ -221,14 +227,14 @@ class _Oracle(torch.nn.Module):
 
 
 def test_tasks_score_the_ground_truth_perfectly(world):
-    s = finetune.resolve_settings({"protocol": "finetune_seg", "steps": 1})
+    s = finetune.resolve_settings({"protocol": "finetune_seg", "steps": 1, **SEG})
     seg = finetune_tasks.SegmentationTask("seg", {"format": "voc_seg", "root": str(world / "voc")}, s)
     masks = [seg.test.load_mask(i) for i in range(len(seg.test))]
     logits = [torch.nn.functional.one_hot(torch.from_numpy(np.where(m == 255, 0, m)).long(), 21)
               .permute(2, 0, 1)[None].float() for m in masks]  # fmt: skip
     assert seg.evaluate(_Oracle(logits), torch.device("cpu"))["mIoU"] == 1.0
 
-    s = finetune.resolve_settings({"protocol": "finetune_det", "min_size_test": 72})
+    s = finetune.resolve_settings({"protocol": "finetune_det", **DET, "min_size_test": 72})
     det = finetune_tasks.DetectionTask("det", {"format": "voc_det", "root": str(world / "voc"),
                                                "splits": {"train": "2007_trainval", "test": "2007_test"}}, s)
     outs = [[{"boxes": torch.as_tensor(det.test.boxes[i]), "scores": torch.ones(len(det.test.labels[i])),
@@ -236,7 +242,7 @@ def test_tasks_score_the_ground_truth_perfectly(world):
     res = det.evaluate(_Oracle(outs), torch.device("cpu"))
     assert res["AP50"] == res["AP75"] == res["AP"] == 1.0
 
-    s = finetune.resolve_settings({"protocol": "finetune_depth", "resize": 1.0})
+    s = finetune.resolve_settings({"protocol": "finetune_depth", **DEPTH, "resize": 1.0})
     dep = finetune_tasks.DepthTask("depth", {"format": "nyud_depth", "root": str(world / "nyud")}, s)
     depths = [torch.from_numpy(dep.test.load_depth(i))[None] for i in range(len(dep.test))]
     res = dep.evaluate(_Oracle(depths), torch.device("cpu"))
@@ -248,7 +254,7 @@ def test_tasks_score_the_ground_truth_perfectly(world):
 def test_depth_samples_at_the_paper_recipe_shape(world):
     """resize 0.5 then a fixed crop (the paper's 228 x 304 on NYUD's 480 x 640): a crop larger than the resized
     image is padded with depth 0, which the loss and the metrics read as missing."""
-    s = finetune.resolve_settings({"protocol": "finetune_depth", "resize": 0.5, "crop_size": [30, 20]})
+    s = finetune.resolve_settings({"protocol": "finetune_depth", **DEPTH, "resize": 0.5, "crop_size": [30, 20]})
     task = finetune_tasks.DepthTask("d", {"format": "nyud_depth", "root": str(world / "nyud")}, s)
     h, w = task.train.load_depth(0).shape
     x, d = task.sample(0, np.random.default_rng(0))

@@ -85,7 +85,7 @@ def test_backbone_switched_to_train_mode_is_refused() -> None:
 
 
 def test_resolve_settings_recipes() -> None:
-    base = {"protocol": "linear", "format": "imagefolder", "root": "/x"}
+    base = {"protocol": "linear", "format": "imagefolder", "root": "/x", "image_size": 224}
     lb = transfer.resolve_settings(base)
     assert lb["recipe"] == "lbfgs" and "wd_grid" in lb and "lr" not in lb
     sgd = transfer.resolve_settings({**base, "recipe": "moco_sgd", "epochs": 3})

@@ -369,6 +369,6 @@ def test_cam_protocol_one_image_per_class_at_7x7_with_predictions(cam_setup):
     res3 = transfer.run_target(ckpt, "syn_cams", {**cfg, "cam_size": 96, "n_images": 1}, tmp / "features",
                                device="cpu", out=tmp / "transfer" / "s96.json", progress=False)  # fmt: skip
     assert res3["settings"]["cam_size"] == 96 and res3["settings"]["cam_map_shape"] == [3, 3]
-    with pytest.raises(TargetError, match="cam_size must be 'auto'"):
+    with pytest.raises(TargetError, match="cam_size: must be 'auto'"):
         transfer.run_target(ckpt, "syn_cams", {**cfg, "cam_size": "big"}, tmp / "features", device="cpu",
                             progress=False)  # fmt: skip

@@ -207,6 +207,33 @@ def test_every_schema_error_is_reported_at_once(tmp_path, default_cfg):
     assert "(4 problems)" in res.stdout + res.stderr and len(out) < 15, "\n".join(out)
 
 
+TARGET_FAULTS = {
+    "target-without-size": (
+        lambda c: c["targets"]["syn_cls_knn"].pop("image_size"),
+        "config key targets.syn_cls_knn.image_size: required for protocol 'knn': the input size depends on the data",
+    ),
+    "misspelt-target-key": (
+        lambda c: c["targets"]["syn_voc_seg_ft"].update(head_chanels=32),
+        "config key targets.syn_voc_seg_ft.head_chanels: unknown key for protocol 'finetune_seg'; did you mean "
+        "'head_channels'?",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", list(TARGET_FAULTS))
+def test_a_bad_target_spec_stops_the_plan_in_one_line(tmp_path, default_cfg, fault):
+    """A target that would silently run at 224 px (or ignore a misspelt key) never reaches a job."""
+    mutate, line = TARGET_FAULTS[fault]
+    cfg = copy.deepcopy(default_cfg)
+    mutate(cfg)
+    res = _dry_run(tmp_path, cfg)
+    out = _error_text(res)
+    assert res.returncode != 0
+    hits = [x for x in out if x.startswith("config key")]
+    assert len(hits) == 1 and hits[0].startswith(line), "\n".join(out)
+    assert len(out) < 10 and "Traceback" not in res.stderr, "\n".join(out)
+
+
 def test_schema_defaults_are_still_set_in_the_config(tmp_path, default_cfg):
     cfg = copy.deepcopy(default_cfg)
     for key in ("workers", "shuffle_seed"):
