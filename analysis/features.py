@@ -25,13 +25,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
+from analysis.target_settings import IMAGENET_MEAN, IMAGENET_STD
 from analysis.targets import ImageSplit, SegmentationSplit
+from study.runstate import first_line
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
 
 
@@ -118,6 +118,14 @@ def file_sha256(path: str | Path, cache_dir: str | Path | None = None) -> str:
     return digest
 
 
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes (the feature cache's content check)."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,9 +141,10 @@ def read_checkpoint(path: str | Path, expect_arch: str | None = None, target: st
         raise FileNotFoundError(f"checkpoint {path} does not exist; pretrain it first")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors vary with the content; name the file
+    except Exception as exc:  # unpickling errors vary with the content (torch's run to 65 lines); name the file
         raise ValueError(
-            f"checkpoint {path} cannot be read with torch.load(weights_only=True): {exc}"
+            f"checkpoint {path} cannot be read with torch.load(weights_only=True) ({first_line(exc, limit=160)}); "
+            "remake it (`snakemake --forcerun pretrain <checkpoint>` for a pipeline checkpoint) or pass a valid file"
         ) from exc
     if not isinstance(ckpt, Mapping) or "backbone" not in ckpt or "arch" not in ckpt:
         raise ValueError(f"checkpoint {path} lacks the 'backbone' / 'arch' entries of a backbone checkpoint")
@@ -322,13 +331,21 @@ class FeatureExtractor:
         """
         path = self.cache_path(split, spec)
         if path.is_file():
+            problem = None
             try:
                 blob = torch.load(path, map_location="cpu", weights_only=True)
-                if blob.get("sha256") == self.sha256 and blob["features"].shape[0] == len(split):
+                if blob.get("sha256") != self.sha256 or blob["features"].shape[0] != len(split):
+                    problem = "it belongs to another checkpoint or split"
+                elif "content_sha256" not in blob:
+                    problem = "it has no content hash (written before they were stored)"
+                elif tensor_sha256(blob["features"]) != blob["content_sha256"]:
+                    problem = "its feature tensor does not match the content hash written with it (edited or damaged)"
+                else:
                     self.hits += 1
                     return blob
             except Exception as exc:  # a torn or foreign file: recompute and overwrite it
-                log.warning("feature cache %s unreadable (%s); recomputing", path, exc)
+                problem = f"it is unreadable ({first_line(exc)})"
+            log.warning("feature cache %s: %s; recomputing", path, problem)
         self.misses += 1
         feats, stride = self._compute(split, spec, calib)
         blob = {
@@ -336,6 +353,7 @@ class FeatureExtractor:
             "stride": stride,
             "sha256": self.sha256,
             "spec": json.dumps(spec.key_dict()),
+            "content_sha256": tensor_sha256(feats),  # checked on every read: any change to the tensor is caught
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")

@@ -156,6 +156,66 @@ def test_cache_hit_then_miss_when_checkpoint_bytes_change(tmp_path, imagefolder,
     assert not list((tmp_path / "cache").rglob("*.tmp"))
 
 
+def test_an_edited_cache_tensor_is_caught_by_its_content_hash_and_recomputed(tmp_path, imagefolder, monkeypatch,
+                                                                              caplog):  # fmt: skip
+    """Overwriting floats inside a valid cache file (fault 17) changed kNN 0.205 -> 0.200 with no warning."""
+    ckpt = make_checkpoint(tmp_path / "c.pt", small_input=False, seed=1)
+    calls = _count_forwards(monkeypatch)
+    split, spec = targets.read_imagefolder("toy", imagefolder, "train"), FeatureSpec(size=32)
+    first = FeatureExtractor(ckpt, tmp_path / "cache", batch_size=12, progress=False).get(split, spec)["features"]
+    path = FeatureExtractor(ckpt, tmp_path / "cache", progress=False).cache_path(split, spec)
+    blob = torch.load(path, weights_only=True)
+    assert blob["content_sha256"] == features.tensor_sha256(first)
+    blob["features"][0, :64] = 0.0  # a valid file whose tensor bytes changed
+    torch.save(blob, path)
+    caplog.set_level("WARNING", logger="analysis.features")
+    ext = FeatureExtractor(ckpt, tmp_path / "cache", batch_size=12, progress=False)
+    again = ext.get(split, spec)["features"]
+    assert calls["n"] == 2 and ext.misses == 1  # recomputed, not served
+    torch.testing.assert_close(again, first)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "content hash" in warnings[0]
+    # a file from before content hashes is recomputed too, then served
+    blob = torch.load(path, weights_only=True)
+    del blob["content_sha256"]
+    torch.save(blob, path)
+    ext = FeatureExtractor(ckpt, tmp_path / "cache", batch_size=12, progress=False)
+    ext.get(split, spec), ext.get(split, spec)
+    assert (ext.misses, ext.hits, calls["n"]) == (1, 1, 3)
+
+
+def test_an_unreadable_checkpoint_is_refused_in_one_line(tmp_path, imagefolder, capsys):
+    """Fault 4: a damaged checkpoint ended the transfer CLI in 47 lines with two tracebacks."""
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"PK\x03\x04 not a zip archive" * 10)
+    specs = {n: {"protocol": "knn", "format": "imagefolder", "root": str(imagefolder), "image_size": 32}
+             for n in ("a", "b")}  # fmt: skip
+    out_dir = tmp_path / "out"
+    argv = ["--checkpoint", str(bad), "--targets-json", json.dumps(specs), "--out-dir", str(out_dir),
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]  # fmt: skip
+    assert transfer.main(argv) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"error: checkpoint {bad} cannot be read"), err
+    assert "remake it" in err[0] and not out_dir.exists()
+
+
+def test_a_bad_target_spec_fails_its_target_in_one_line_and_writes_nothing(tmp_path, ckpt_std, imagefolder, caplog):
+    specs = {"no_size": {"protocol": "knn", "format": "imagefolder", "root": str(imagefolder)},
+             "typo": {"protocol": "knn", "format": "imagefolder", "root": str(imagefolder), "image_size": 32, "kk": 5}}
+    out_dir = tmp_path / "out"
+    argv = ["--checkpoint", str(ckpt_std), "--targets-json", json.dumps(specs), "--out-dir", str(out_dir),
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]  # fmt: skip
+    caplog.set_level("INFO", logger="analysis.transfer")
+    assert transfer.main(argv) == 1 and not out_dir.exists()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [
+        "target no_size failed: config key targets.no_size.image_size: required for protocol 'knn': the input size "
+        "depends on the data (the paper's protocol: 224 on ImageNet-size images (Resize 256 -> CenterCrop 224))",
+        "target typo failed: config key targets.typo.kk: unknown key for protocol 'knn'; did you mean 'k'?",
+    ]
+    assert not any(r.exc_info for r in caplog.records)  # no traceback for a config problem
+
+
 def test_arch_mismatch_names_both(ckpt, tmp_path):
     with pytest.raises(CheckpointArchError, match="resnet18.*resnet50"):
         FeatureExtractor(ckpt, tmp_path, expect_arch="resnet50", target="cifar")
@@ -222,7 +282,7 @@ def _cli(tmp_path, ckpt, name, cfg):
     assert transfer.main(argv) == 0
     res = json.loads(out.read_text())
     assert not list(out.parent.glob("*.tmp"))
-    assert {"target", "protocol", "metric", "value", "settings", "seconds", "checkpoint_sha256", "n_train",
+    assert {"target", "protocol", "metric", "value", "settings", "defaulted", "seconds", "checkpoint_sha256", "n_train",
             "n_test"} <= set(res)  # fmt: skip
     assert res["target"] == name and 0.0 <= res["value"] <= 1.0
     return res, out
