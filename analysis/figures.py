@@ -23,7 +23,6 @@ the inputs); the same frame is written as ``<figure>.csv`` next to the images.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -203,8 +202,12 @@ def _realised_iou(results: str | Path, dataset: str, variant: str) -> dict[str, 
     the fallback count), so a ceiling that did not hold shows. NaN for runs of trainers that did not write it.
     """
     path = Path(T.metrics_path(results, dataset, variant)).parent / "crop_iou.json"
-    rec = json.loads(path.read_text()) if path.is_file() else {}
-    return {k: float(rec.get(k, np.nan)) for k in ("iou_p99", "iou_max", "fallbacks")}
+    rec = (T.Inputs(results).json(path) or {}) if path.is_file() else {}
+    try:
+        return {k: float(rec.get(k, np.nan)) for k in ("iou_p99", "iou_max", "fallbacks")}
+    except (TypeError, ValueError):
+        raise T.broken_result(path, "has a non-numeric iou_p99 / iou_max / fallbacks",
+                              results) from None  # fmt: skip
 
 
 def _ceiling_label(max_iou: float, rec: Mapping[str, float]) -> str:
@@ -266,7 +269,7 @@ def fig3(config: Mapping, results: str | Path, out_dir: str | Path, rs: Mapping)
         path = T.metrics_path(results, d, v)
         if not inputs.exists(path):
             continue
-        m = pd.read_csv(path)
+        m = T.read_csv(path, results)
         for col in (x, y):
             if col not in m:
                 raise ValueError(f"{path}: no column {col!r} (columns: {list(m.columns)}); set report.fig3.x / .y")
@@ -365,7 +368,7 @@ def fig4(config: Mapping, results: str | Path, out_dir: str | Path, rs: Mapping)
         subset = T.subset_path(results, d)
         if not inputs.exists(subset):
             inputs.check("fig4 (constrained multi-crop)")
-        sub = pd.read_csv(subset, usecols=["path"], nrows=1)
+        sub = T.read_csv(subset, results, usecols=["path"], nrows=1)
         if sub.empty:
             raise ValueError(f"{subset} lists no image; rebuild it with `snakemake {subset}`")
         image = sub["path"].iloc[0]
@@ -536,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = T.load_config_arg(args.config_json, args.configfile)
         results = args.results or cfg.get("results", "results")
         build_figures(cfg, results, args.out or Path(results) / "figures", T.split_only(args.only))
-    except (T.ReportConfigError, T.MissingResultError) as exc:
+    except (T.ReportConfigError, T.MissingResultError, T.ResultFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -68,7 +68,7 @@ def monitor_curves(path: Path, metrics: Sequence[str] = tuple(MONITOR_METRICS)) 
     points. A file without the monitor columns comes from a run before the monitors (or with them off): that is
     an error naming the fix rather than an empty panel, which would read as "no learning".
     """
-    m = pd.read_csv(path)
+    m = T.read_csv(path)
     missing = [c for c in (WALL_COLUMN, *metrics) if c not in m.columns]
     ckpt = path.parent / "checkpoint.pt"
     fix = (f"rerun its pretraining with the online monitors on (`monitor.every` > 0 in pretrain.overrides or the "
@@ -218,7 +218,7 @@ def fig6(config: Mapping, results: str | Path, out_dir: str | Path, rs: Mapping)
         )
     d = T.experiment(config, rs["fig6"]["experiment"])["datasets"][0]
     inputs = T.Inputs(results)
-    res = {v: inputs.json(T.transfer_path(results, d, v, t)) for v in (two, multi)}
+    res = {v: inputs.result(T.transfer_path(results, d, v, t)) for v in (two, multi)}
     inputs.check("fig6 (class activation maps)")
     n_max = int(rs["fig6"].get("n_images", 6))
     cams, missing = {}, []

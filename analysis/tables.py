@@ -60,6 +60,11 @@ class MissingResultError(FileNotFoundError):
     """An input artefact is missing; the message names each file and the Snakemake target that makes it."""
 
 
+class ResultFileError(ValueError):
+    """An input artefact exists but is unreadable, not what its stage writes, or incomplete; the message is one
+    line naming the file, what is wrong and the command that rebuilds it (no cell is rendered from it)."""
+
+
 # ----------------------------------------------------------------------------------------------- config
 
 
@@ -277,6 +282,25 @@ def make_hint(path: Path, results: str | Path) -> str:
     return f"`snakemake {path}` (rule {rule})"
 
 
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def broken_result(path: Path, problem: str, results: str | Path | None = None) -> ResultFileError:
+    """The one-line error for a damaged input file: the file, what is wrong, and how to rebuild it."""
+    how = make_hint(Path(path), results) if results is not None else f"`snakemake {path}`"
+    return ResultFileError(f"{path} {problem}; delete it, then rebuild it with {how}")
+
+
+def read_csv(path: Path, results: str | Path | None = None, **kwargs: Any) -> pd.DataFrame:
+    """``pd.read_csv`` that names the file and the rebuild command when it cannot be parsed."""
+    try:
+        return pd.read_csv(path, **kwargs)
+    except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError) as exc:  # EmptyDataError is a ValueError
+        raise broken_result(path, f"is not a readable CSV ({_one_line(exc)})", results) from None
+
+
 class Inputs:
     """Reads result files, collecting every missing one so a single error lists them all."""
 
@@ -291,13 +315,37 @@ class Inputs:
             self.missing.append(path)
         return False
 
+    def broken(self, path: Path, problem: str) -> ResultFileError:
+        return broken_result(path, problem, self.results)
+
     def json(self, path: Path) -> dict | None:
+        """A JSON object written by a stage; None (and listed as missing) when the file does not exist."""
         if not self.exists(path):
             return None
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON ({exc}); delete it and rerun `snakemake {path}`") from exc
+            obj = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise self.broken(path, f"is not valid JSON ({_one_line(exc)})") from None
+        if not isinstance(obj, dict):
+            raise self.broken(path, f"holds a JSON {type(obj).__name__}, not the object its stage writes")
+        if not obj:
+            raise self.broken(path, "is an empty JSON object")
+        return obj
+
+    def result(self, path: Path) -> dict | None:
+        """A transfer / fine-tuning result: a cell needs its metric's name and a finite value."""
+        obj = self.json(path)
+        if obj is None:
+            return None
+        missing = [k for k in ("metric", "value") if k not in obj]
+        if missing:
+            raise self.broken(path, f"is incomplete: no {' / '.join(repr(k) for k in missing)}")
+        if not isinstance(obj["metric"], str) or not obj["metric"]:
+            raise self.broken(path, f"has metric {obj['metric']!r}, not a metric name")
+        value = obj["value"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.broken(path, f"has value {value!r}, not a finite number")
+        return obj
 
     def check(self, what: str) -> None:
         if self.missing:
@@ -324,7 +372,7 @@ def transfer_frame(
     rows = []
     for d, v in pairs:
         for t in targets:
-            res = inputs.json(transfer_path(inputs.results, d, v, t))
+            res = inputs.result(transfer_path(inputs.results, d, v, t))
             if res is None:
                 continue
             metric = str(res.get("metric", "value"))
@@ -846,7 +894,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config_arg(args.config_json, args.configfile)
         results = args.results or cfg.get("results", "results")
         build_tables(cfg, results, args.out or Path(results) / "tables", split_only(args.only))
-    except (ReportConfigError, MissingResultError) as exc:
+    except (ReportConfigError, MissingResultError, ResultFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

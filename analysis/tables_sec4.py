@@ -26,6 +26,7 @@ from analysis.tables import (
     Table,
     _roles,
     _value,
+    broken_result,
     experiment_pairs,
     experiment_targets,
     has_experiment,
@@ -74,7 +75,7 @@ table6_plan = _protocol_plan("table6", "segment_retrieval")
 
 def _results(inputs: Inputs, pairs: Sequence[tuple[str, str]], targets: Sequence[str]) -> dict[tuple, dict]:
     """Result JSON per (dataset, variant, target); missing files are collected by ``inputs``."""
-    return {(d, v, t): inputs.json(transfer_path(inputs.results, d, v, t)) or {}
+    return {(d, v, t): inputs.result(transfer_path(inputs.results, d, v, t)) or {}
             for d, v in pairs for t in targets}  # fmt: skip
 
 
@@ -85,8 +86,7 @@ def _metric(res: Mapping, name: str, path: Path, rs: Mapping) -> float:
         return to_percent(name, metrics[name], rs.get("raw_metrics", ()))
     if res.get("metric") == name:
         return to_percent(name, res.get("value"), rs.get("raw_metrics", ()))
-    raise ValueError(f"{path} has no metric {name!r} (metrics: {sorted(metrics)}); delete it and rerun "
-                     f"`snakemake {path}`")  # fmt: skip
+    raise broken_result(path, f"has no metric {name!r} (metrics: {sorted(metrics)})")
 
 
 def _data_role(paper: Mapping, dataset: str) -> str | None:

@@ -101,6 +101,20 @@ def test_fig2_transfer_vs_iou_ceiling(tmp_path):
                    "iou010": (0.1, pytest.approx(50.0))}  # fmt: skip
 
 
+def test_the_figure_cli_names_a_broken_result_file_in_one_line(tmp_path, capsys):
+    res_dir = tmp_path / "results"
+    for v, x in {"moco_v2": 0.60, "iou030": 0.55}.items():
+        transfer(res_dir, "syn_coco", v, "syn_cls_linear", x)
+    bad = T.transfer_path(res_dir, "syn_coco", "iou010", "syn_cls_linear")
+    write_json(bad, {})
+    rc = F.main(["--config-json", json.dumps(make_config()), "--results", str(res_dir), "--out",
+                 str(tmp_path / "fig"), "--only", "fig2"])  # fmt: skip
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and err == [f"error: {bad} is an empty JSON object; delete it, then rebuild it with `snakemake "
+                               f"{bad}` (rule transfer_syn_coco__iou010)"]  # fmt: skip
+    assert not (tmp_path / "fig").exists()
+
+
 def test_fig3_loss_curves_equal_metrics_csv(tmp_path):
     res_dir = tmp_path / "results"
     inputs = {}

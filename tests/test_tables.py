@@ -391,3 +391,39 @@ def test_to_percent_keeps_rmse():
 def test_every_table_has_a_report_caption():
     captions = Path(__file__).resolve().parents[1] / "workflow" / "report"
     assert [n for n in T.TABLES if not (captions / f"{n}.rst").is_file()] == []
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ('{"target": "syn_voc_svm", "metric": "mA', "is not valid JSON (Unterminated string"),  # a truncated write
+        ("{}", "is an empty JSON object"),
+        ('{"target": "syn_voc_svm", "protocol": "voc07_svm"}', "is incomplete: no 'metric' / 'value'"),
+        ('{"metric": "mAP", "value": null}', "has value None, not a finite number"),
+        ("[0.8]", "holds a JSON list"),
+    ],
+)
+def test_a_broken_result_file_is_one_line_naming_the_file_and_the_fix_and_no_table(results, tmp_path, capsys,
+                                                                                  content, problem):  # fmt: skip
+    """Fault 18: a truncated result ended the report in a 40-line traceback, and `{}` rendered a silent '–'."""
+    bad = T.transfer_path(results, "syn_coco", "mc", "syn_voc_svm")
+    bad.write_text(content)
+    out = tmp_path / "cli"
+    rc = T.main(["--config-json", json.dumps(make_config()), "--results", str(results), "--out", str(out),
+                 "--only", "table4"])  # fmt: skip
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {bad} {problem}"), err
+    assert err[0].endswith(f"delete it, then rebuild it with `snakemake {bad}` (rule transfer_syn_coco__mc)")
+    assert not out.exists()  # no table rendered from it
+
+
+def test_a_broken_csv_input_of_a_figure_is_one_line_too(results, tmp_path):
+    path = T.metrics_path(results, "syn_in", "moco_v2")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"step,loss\n1,2\n\xff\xfe\x00garbage,\n")
+    with pytest.raises(T.ResultFileError) as err:
+        T.read_csv(path, results)
+    assert str(err.value).startswith(f"{path} is not a readable CSV (") and "\n" not in str(err.value)
+    assert str(err.value).endswith(f"`snakemake {T.checkpoint_path(results, 'syn_in', 'moco_v2')}` (rule pretrain "
+                                   "writes it next to the checkpoint)")  # fmt: skip
