@@ -1,5 +1,5 @@
 # `make demo`: set up .venv and run the whole embedded study on the synthetic world.
-# `make test`: set up .venv and run the test suite.
+# `make test`: set up .venv, lint (ruff, snakemake --lint) and run the test suite; CI runs it (.ci/run).
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 CORES ?= 2
 SNAKEMAKE := $(VENV)/bin/snakemake
 
-.PHONY: install demo test lint dryrun bench learning clean
+.PHONY: install demo test lint dryrun bench bench-dag learning clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,8 @@ demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(SNAKEMAKE) --cores $(CORES) --profile workflow/profiles/default
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(SNAKEMAKE) --cores $(CORES) --profile workflow/profiles/default --report results/report.html
 
-test: $(STAMP)
+# A lint finding fails the tests: ruff, then snakemake's own linter (rules vs functions, paths, ...).
+test: $(STAMP) lint
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/pytest -q
 
 lint: $(STAMP)
@@ -31,10 +32,14 @@ lint: $(STAMP)
 dryrun: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(SNAKEMAKE) -n --cores $(CORES)
 
-bench: $(STAMP)
+bench: $(STAMP) bench-dag
 	$(PY) benchmarks/shards.py
 	$(PY) benchmarks/loader.py
 	$(PY) benchmarks/train_step.py
+
+# Planning CPU of `snakemake -n` at ~250 / 500 / 1,000 jobs, with and without the composition cache (~1 min)
+bench-dag: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/dag.py
 
 # Does the trainer learn? MoCo-v2 (scale model, 1224 steps) vs random init on syn_cls, paper protocol (~5 min)
 learning: $(STAMP)

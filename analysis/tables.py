@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import html
 import json
 import logging
@@ -39,6 +38,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
+
+from analysis.compose import composed_settings
 
 log = logging.getLogger("analysis.tables")
 
@@ -139,15 +140,6 @@ def all_pairs(config: Mapping) -> list[tuple[str, str]]:
 # ------------------------------------------------------------------------------------- variant settings
 
 
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: obj}
-
-
 def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     """``key=value`` Hydra overrides as a flat dict (values parsed as YAML, ``+``/``++`` prefixes dropped)."""
     out: dict[str, Any] = {}
@@ -157,17 +149,6 @@ def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         key, value = item.split("=", 1)
         out[key.lstrip("+")] = yaml.safe_load(value) if value else None
     return out
-
-
-@functools.lru_cache(maxsize=256)
-def _compose(conf_dir: str, overrides: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(config_dir=conf_dir, version_base=None):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    flat = _flatten(OmegaConf.to_container(cfg, resolve=False))
-    return tuple(sorted((k, v) for k, v in flat.items() if not k.startswith("hydra.")))
 
 
 def variant_settings(config: Mapping, variant: str, conf_dir: str | Path | None = None) -> dict[str, Any]:
@@ -187,7 +168,7 @@ def variant_settings(config: Mapping, variant: str, conf_dir: str | Path | None 
     if not (conf_dir / "config.yaml").is_file():
         return _parse_overrides(overrides)
     try:
-        return dict(_compose(str(conf_dir.resolve()), overrides))
+        return dict(composed_settings(str(conf_dir.resolve()), overrides))  # once per override list
     except Exception as exc:  # Hydra raises many types; name the variant and its overrides
         unknown = _unknown_override_keys(conf_dir, overrides)
         if unknown:  # Hydra's own advice (`+key=...`) would add a key that nothing reads
@@ -201,7 +182,7 @@ def _unknown_override_keys(conf_dir: Path, overrides: Sequence[str]) -> list[str
     """Overrides naming no setting of the study config, each with the closest valid keys."""
     import difflib
 
-    known = {k for k, _ in _compose(str(conf_dir.resolve()), ())}
+    known = {k for k, _ in composed_settings(str(conf_dir.resolve()), ())}
     groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
     out = []
     for o in overrides:

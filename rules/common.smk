@@ -122,7 +122,8 @@ FINETUNE_TARGETS = sorted(t for t, c in TARGETS.items() if c.get("protocol") in 
 
 def transfer_batches():
     """(dataset, variant) -> its frozen-feature targets, in a stable order: one transfer job evaluates one
-    checkpoint. Fine-tuning targets are one job each (rule finetune): they train, and may ask for GPUs."""
+    checkpoint. Fine-tuning targets get one job each from the finetune rule, since they train and may ask for
+    GPUs."""
     batches = {}
     for d, v, t in transfer_triples():
         if t not in FINETUNE_TARGETS:
