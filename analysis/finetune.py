@@ -10,7 +10,17 @@ layers are converted to SyncBN when the run has several processes. The run is re
 model, optimiser and step are saved atomically every ``save_every`` steps to ``<state-dir>/state.pt``, and a
 step's batch is drawn from (seed, step) only, so a killed run, restarted with the same command, ends exactly
 where an unbroken one would. A state of another checkpoint or other settings is refused (delete it to start
-over); an unreadable one is moved aside to ``state.pt.corrupt`` and the run starts from step 0.
+over); an unreadable one is moved aside to ``state.pt.corrupt`` and the run starts from step 0. The state also
+holds every rank's global RNG (torch CPU, CUDA, numpy, python), saved between two steps and restored at the same
+point, because torchvision's RPN / RoI samplers and multi-scale resize draw from the global torch RNG: without
+it a resumed detection run drew other proposals than an unbroken one. Under DDP rank 0 alone reads, judges and
+(if damaged) moves ``state.pt`` aside, and every rank follows its verdict.
+
+Under ``main`` (the CLI), SIGTERM (SLURM's time limit, preemption, torchrun passing it on) and SIGUSR1 let the
+current step finish; every rank agrees on that step, ``state.pt`` is saved there by the periodic save's code, one
+line names the signal, the step and the file, and the process exits with ``study.runstate.RETRY_EXIT`` (75) so
+that Snakemake's ``retries`` reruns the job, which resumes exactly. A signal after the last step stops before
+the test (the rerun only tests).
 
 The result JSON has the same fields as ``analysis.transfer``'s, so the tables read it the same way.
 """
@@ -35,82 +45,39 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from analysis.features import IMAGENET_MEAN, IMAGENET_STD, file_sha256
+from analysis import target_settings
+from analysis.features import file_sha256
 from analysis.finetune_tasks import TASKS, Task
 from analysis.targets import TargetError
-from analysis.transfer import FORMAT_KEYS, write_json_atomic
+from analysis.transfer import write_json_atomic
 from study.models import load_backbone
-from study.runstate import atomic_save, first_line
+from study.runstate import (
+    RETRY_EXIT,
+    RunStopped,
+    StopSignals,
+    atomic_save,
+    first_line,
+    gather_rng,
+    rng_state,
+    set_rng_state,
+    signal_name,
+)
 
 log = logging.getLogger("analysis.finetune")
 
-COMMON_DEFAULTS: dict[str, Any] = {
-    "steps": None,  # iterations; null: derived from `epochs` (ceil(epochs x train images / batch_size))
-    "epochs": None,
-    "batch_size": 16,  # global batch, split over the DDP processes
-    "optimizer": "sgd",  # or "adam"
-    "lr": 0.02,
-    "momentum": 0.9,
-    "weight_decay": 1e-4,
-    "schedule": "step",  # "step" (x gamma at each milestone), "poly" ((1 - t/T)^poly_power) or "constant"
-    "milestones": [],
-    "gamma": 0.1,
-    "poly_power": 0.9,
-    "warmup_steps": 0,  # linear warm-up from lr / 1000 (detectron2's WARMUP_FACTOR)
-    "seed": 0,
-    "save_every": 200,
-    "num_workers": 0,
-    "precision": "auto",  # "auto": bf16 autocast on CUDA, fp32 on CPU; "fp32" / "bf16" force one
-    "sync_bn": True,  # BN -> SyncBN with several processes (the recipes' "BN tuned, synchronised")
-    "arch": None,
-    "mean": list(IMAGENET_MEAN),
-    "std": list(IMAGENET_STD),
-}
-# Paper-scale defaults per protocol (REFERENCE.md "Transfer protocols"; MoCo's detectron2 VOC config); the
-# embedded study overrides sizes and schedules in config.yaml's targets.
-PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
-    # VOC train_aug: 512 crops, SGD lr 0.003, 45 epochs (Cityscapes: crop_size 768, optimizer adam, lr 1e-4,
-    # 150 epochs, head_dilation 1); poly 0.9 decay
-    "finetune_seg": {"epochs": 45, "batch_size": 8, "lr": 0.003, "weight_decay": 1e-4, "schedule": "poly",
-                     "crop_size": 512, "scale_range": [0.5, 2.0], "head_channels": 256, "head_dilation": 6,
-                     "dilate": True},
-    # pascal_voc_R_50_C4_24k: 16 images, lr 0.02, 24k iterations, steps 18k / 22k, warm-up 100; train scales
-    # 480-800 (step 32), test 800, max 1333; VOC07 11-point AP50 on test2007 (detectron2 for the 2007 set)
-    "finetune_det": {"steps": 24000, "batch_size": 16, "lr": 0.02, "schedule": "step", "milestones": [18000, 22000],
-                     "warmup_steps": 100, "min_size_train": list(range(480, 801, 32)), "min_size_test": 800,
-                     "max_size": 1333, "anchor_sizes": [32, 64, 128, 256, 512], "detections_per_img": 100,
-                     "score_thresh": 0.05, "use_07_metric": True,
-                     # detectron2's RPN / RoI sampling (MoCo's Base-RCNN-C4-BN: 6000 / 1000 proposals at test)
-                     "rpn_pre_nms_train": 12000, "rpn_post_nms_train": 2000, "rpn_pre_nms_test": 6000,
-                     "rpn_post_nms_test": 1000, "rpn_batch_per_image": 256, "roi_batch_per_image": 512},
-    # NYUD-v2 (Laina et al.): images at half size, 228 x 304 crops, berHu loss, SGD lr 0.01, 20 epochs
-    "finetune_depth": {"epochs": 20, "batch_size": 16, "lr": 0.01, "schedule": "poly", "resize": 0.5,
-                       "crop_size": [228, 304], "decoder_channels": None, "n_up": 4},
-}  # fmt: skip
+# The target keys, their defaults (the paper-scale recipes), types and ranges live in analysis.target_settings
+# (shared with the plan); these names stay for the callers that read them from here.
+COMMON_DEFAULTS = target_settings.FINETUNE_COMMON
+PROTOCOL_DEFAULTS = target_settings.FINETUNE_DEFAULTS
 
 
-def resolve_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Protocol defaults overridden by the target config; unknown keys are logged, bad values raise."""
-    proto = cfg.get("protocol")
-    if proto not in PROTOCOL_DEFAULTS:
-        raise TargetError(f"fine-tuning protocol {proto!r} is unknown; choose one of {sorted(PROTOCOL_DEFAULTS)}")
-    s = {**COMMON_DEFAULTS, **PROTOCOL_DEFAULTS[proto]}
-    unknown = [k for k in cfg if k not in s and k not in FORMAT_KEYS]
-    if unknown:
-        log.warning("target keys %s are not read by protocol %r", unknown, proto)
-    s.update({k: v for k, v in cfg.items() if k in s})
-    if s["optimizer"] not in ("sgd", "adam"):
-        raise TargetError(f"target key optimizer={s['optimizer']!r}: use sgd or adam")
-    if s["schedule"] not in ("step", "poly", "constant"):
-        raise TargetError(f"target key schedule={s['schedule']!r}: use step, poly or constant")
-    if s["precision"] not in ("auto", "fp32", "bf16"):
-        raise TargetError(f"target key precision={s['precision']!r}: use auto, fp32 or bf16")
-    for key in ("batch_size", "save_every"):
-        if int(s[key]) < 1:
-            raise TargetError(f"target key {key}={s[key]!r}: must be >= 1")
-    if s["steps"] is None and s["epochs"] is None:
-        raise TargetError("set `steps` or `epochs` in the fine-tuning target")
-    return s
+def resolve_settings(cfg: Mapping[str, Any], name: str = "?") -> dict[str, Any]:
+    """Protocol defaults overridden by the target config; unknown keys, missing input sizes and values out of
+    range raise ``TargetSpecError`` (one line each, see ``analysis.target_settings``)."""
+    if cfg.get("protocol") not in PROTOCOL_DEFAULTS:
+        raise TargetError(f"fine-tuning protocol {cfg.get('protocol')!r} is unknown; choose one of "
+                          f"{sorted(PROTOCOL_DEFAULTS)}")  # fmt: skip
+    return target_settings.resolve(name, cfg)[0]
 
 
 def lr_at(step: int, total: int, s: Mapping[str, Any]) -> float:
@@ -205,15 +172,50 @@ def _load_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
     return state
 
 
+def _agree_on_state(path: Path, fingerprint: str, rank: int, world: int,
+                    device: torch.device) -> dict[str, Any] | None:
+    """``state.pt`` as rank 0 judged it, on every rank.
+
+    Rank 0 alone reads it, moves a damaged one aside (one warning) or refuses a foreign one, and broadcasts
+    the verdict; the other ranks then load the file it accepted. When every rank judged for itself, all of them
+    moved the same damaged file and the losers died of FileNotFoundError.
+    """
+    state, verdict, error = None, ("fresh", ""), None
+    if rank == 0:
+        try:
+            state = _load_state(path, fingerprint)
+        except Exception as exc:
+            if world == 1:
+                raise
+            verdict, error = ("error", f"{type(exc).__name__}: {first_line(exc)}"), exc
+        else:
+            verdict = ("resume" if state is not None else "fresh", "")
+    if world == 1:
+        return state
+    box: list[Any] = [verdict]
+    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+    kind, message = box[0]
+    if kind == "error":
+        if rank == 0 and error is not None:
+            raise error
+        raise TargetError(f"rank 0 could not use {path}: {message}")
+    if kind == "resume" and rank != 0:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    return state
+
+
 def finetune(
     checkpoint: str | Path, name: str, cfg: Mapping[str, Any], *, state_dir: str | Path | None = None,
     device: str | None = None, progress: bool = True,
-    on_step: Callable[[int, torch.nn.Module], None] | None = None,
+    on_step: Callable[[int, torch.nn.Module], None] | None = None, stop: StopSignals | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Fine-tune ``checkpoint`` on target ``name`` and evaluate it; returns the result record (the caller
-    writes rank 0's). ``on_step(steps done, model)`` runs after each step (tests use it to stop a run)."""
+    writes rank 0's). ``on_step(steps done, model)`` runs after each step (tests use it to stop a run);
+    ``stop`` is the CLI's signal flag: once raised the run saves its state at the next step boundary and raises
+    ``RunStopped``."""
     t0 = time.time()
-    s = resolve_settings(cfg)
+    s = resolve_settings(cfg, name)
+    defaulted = target_settings.resolve(name, cfg)[1]
     rank, world, local_rank = _init_distributed()
     dev = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda":
@@ -242,14 +244,23 @@ def finetune(
     fp = _fingerprint(sha, name, s, world)
     state_path = Path(state_dir) / "state.pt" if state_dir else None
     start, last = 0, float("nan")
+    saved: int | None = None  # the step state.pt holds
+    resume_rng: dict[str, Any] | None = None
     if state_path is not None:
-        state = _load_state(state_path, fp)
+        state = _agree_on_state(state_path, fp, rank, world, dev)
         if state is not None:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
-            start = int(state["step"])
+            start = saved = int(state["step"])
             last = float(state.get("loss", float("nan")))
-            log.info("resuming %s from step %d of %d (%s)", name, start, total, state_path)
+            rngs = state.get("rng") or []
+            if len(rngs) == world:
+                resume_rng = rngs[rank]
+            elif rank == 0:
+                log.warning("%s holds no RNG state (an older version wrote it): the run continues, but detection's "
+                            "samplers draw differently from an unbroken run", state_path)
+            if rank == 0:
+                log.info("resuming %s from step %d of %d (%s)", name, start, total, state_path)
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -261,7 +272,50 @@ def finetune(
                                          num_workers=int(s["num_workers"]))  # fmt: skip
     model.train()
     bar = tqdm(total=total, initial=start, desc=f"finetune {name}", disable=not progress or rank != 0)
-    for step, items in zip(range(start, total), loader, strict=True):
+
+    def save(done: int, step_rng: dict[str, Any] | None = None) -> None:
+        """state.pt at ``done`` steps: the periodic save and a stop signal's save are this one call, made
+        between two steps, with every rank's RNG as the next step will draw it (``step_rng``: captured there)."""
+        assert state_path is not None
+        rngs = [r["step"] for r in gather_rng(None, world, step_rng)]  # a collective: every rank calls save()
+        if rank == 0:
+            state_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_save({"step": done, "fingerprint": fp, "model": model.state_dict(),
+                         "optimizer": opt.state_dict(), "loss": last, "rng": rngs}, state_path)  # fmt: skip
+
+    def stop_at(sig: int, step: int, step_rng: dict[str, Any] | None = None) -> None:
+        if state_path is not None and saved != step:
+            save(step, step_rng)
+        bar.close()
+        if world > 1:
+            dist.barrier()  # rank 0's state.pt is complete before any rank exits (torchrun then ends the rest)
+        where = (f"the resume state {state_path} holds step {step}" if state_path is not None
+                 else "no state is kept (no state_dir)")  # fmt: skip
+        raise RunStopped(f"target {name}: received {signal_name(sig)} at step {step}/{total}: {where}; exiting "
+                         f"with status {RETRY_EXIT} so that the job is retried and resumes from there")
+
+    batches = iter(loader)  # draws the loader's base seed from the global RNG, as the unbroken run did at step 0
+    if resume_rng is not None:
+        set_rng_state(resume_rng)  # the RNG as the unbroken run left it after step `start - 1`
+    for step in range(start, total):
+        # the CLI path: the RNG as the step starts, then the batch, then the ranks agree on a stop (the fetch may
+        # fail by it: SLURM signals DataLoader workers too)
+        before = rng_state() if stop is not None else None
+        try:
+            items, fetch_error = next(batches), None
+        except Exception as exc:
+            if stop is None or not (stop.received or world > 1):
+                raise
+            items, fetch_error = None, exc
+        if stop is not None:
+            sig, failed = stop.agreed(world, dev, failed=fetch_error is not None)
+            if sig:
+                stop_at(sig, step, before)
+            if fetch_error is not None:
+                raise fetch_error
+            if failed:
+                raise TargetError(f"target {name!r}: the data loader of another rank failed at step {step} (its "
+                                  "error is above)")
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, s)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
@@ -275,12 +329,14 @@ def finetune(
         bar.update()
         bar.set_postfix(loss=f"{last:.3f}")
         done = step + 1
-        if state_path is not None and rank == 0 and (done % int(s["save_every"]) == 0 or done == total):
-            state_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_save({"step": done, "fingerprint": fp, "model": model.state_dict(),
-                         "optimizer": opt.state_dict(), "loss": last}, state_path)  # fmt: skip
+        if state_path is not None and (done % int(s["save_every"]) == 0 or done == total):
+            save(done)
+            saved = done
         if on_step is not None:
             on_step(done, model)
+    sig = stop.agreed(world, dev)[0] if stop is not None else 0
+    if sig:  # the test can take long (VOC07: 4952 images); the rerun resumes at `total` and only tests
+        stop_at(sig, total)
     bar.close()
     if rank != 0:  # the replicas are identical after DDP's averaged steps: rank 0 alone tests and reports
         return {"target": name, "rank": rank, "steps": total}
@@ -294,6 +350,7 @@ def finetune(
         "lower_is_better": task.lower_is_better, "metrics": res,
         "settings": {**s, "steps": total, "format": cfg.get("format"), "root": str(cfg.get("root")),
                      "world_size": world, "bf16": bf16, "sync_bn": sync_bn},
+        "defaulted": defaulted,  # setting keys the target left to the protocol's documented defaults
         "final_loss": last, "resumed_from_step": start, "seconds": round(time.time() - t0, 3),
         "checkpoint": str(checkpoint), "checkpoint_sha256": sha, "arch": info.get("arch"), "device": str(dev),
         "n_train": n_train, "n_test": len(task.test),
@@ -319,8 +376,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--target-json must be a JSON object")
     state_dir = args.state_dir or args.out.with_name(args.out.stem + ".state")
     try:
-        result = finetune(args.checkpoint, args.name, cfg, state_dir=state_dir, device=args.device,
-                          progress=not args.no_progress)  # fmt: skip
+        with StopSignals() as stop:  # the run path only: importing or calling finetune() installs no handler
+            result = finetune(args.checkpoint, args.name, cfg, state_dir=state_dir, device=args.device,
+                              progress=not args.no_progress, stop=stop)  # fmt: skip
+    except RunStopped as exc:  # not an error: one line, then the retry status
+        if int(os.environ.get("RANK", "0") or 0) == 0:
+            log.warning("%s", exc)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return exc.exit_code
     except (TargetError, FileNotFoundError, FloatingPointError, ValueError) as exc:
         print(f"error: target {args.name} on {args.checkpoint}: {exc}", file=sys.stderr)
         return 1

@@ -23,6 +23,11 @@ Why each piece exists (faults met on clusters, issue 10):
   checkpoint is written: after divergence the BN running variances go to inf before any weight does.
 - ``CollapseGuard``: a collapsed run (one embedding for every image) sits at the loss of uniform logits and
   exits 0; the guard flags it from the logged pretext monitors.
+- ``StopSignals`` / ``RunStopped`` / ``RETRY_EXIT`` (issue 19): SLURM sends SIGTERM at the time limit and on
+  preemption (and a ``--signal`` of choice before the limit); without a handler the process dies at once and
+  the steps since the last periodic checkpoint are lost. The handler only sets a flag; the training loop reads
+  it at a step boundary (agreed by all ranks), saves its resume state there with the periodic save's code, and
+  exits with ``RETRY_EXIT`` so that Snakemake's ``retries`` reruns the job, which resumes exactly.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import os
 import random
 import shlex
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -71,6 +77,18 @@ class TrainingDiverged(RunError):
 
 class TrainingCollapsed(RunError):
     """The run collapsed and ``guard.stop_on_collapse`` asked to stop."""
+
+
+# EX_TEMPFAIL (sysexits.h): "temporary failure, retry later". The status of a run stopped by SIGTERM / SIGUSR1
+# after saving its state; any non-zero status fails the Snakemake job (torchrun turns it into 1), so the
+# profile's `retries` reruns it and the rerun resumes from the saved state.
+RETRY_EXIT = 75
+
+
+class RunStopped(RunError):
+    """A stop signal arrived; the resume state was saved at a step boundary. Not a failure of the run itself."""
+
+    exit_code = RETRY_EXIT
 
 
 def first_line(exc: BaseException, limit: int = 240) -> str:
@@ -342,14 +360,95 @@ def from_rank0(flag: bool, world: int, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def gather_rng(epoch_rng: dict[str, Any] | None, world: int) -> list[dict[str, Any]]:
-    """The RNG state of every rank (now and at the start of the current epoch), in rank order."""
-    mine = {"step": rng_state(), "epoch_start": epoch_rng}
+def gather_rng(epoch_rng: dict[str, Any] | None, world: int,
+               step_rng: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The RNG state of every rank (now, or ``step_rng`` captured earlier between the same two steps, and at the
+    start of the current epoch), in rank order."""
+    mine = {"step": rng_state() if step_rng is None else step_rng, "epoch_start": epoch_rng}
     if world == 1:
         return [mine]
     out: list[Any] = [None] * world
     dist.all_gather_object(out, mine)
     return out
+
+
+# ------------------------------------------------------------------------------------------ stop signals
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopSignals:
+    """SIGTERM / SIGUSR1 turned into a flag that the training loop reads between steps.
+
+    A context manager for the CLI path only (importing a module or calling ``train`` / ``finetune`` from
+    Python installs nothing): it installs the handlers on entry and restores the previous ones on exit. The
+    handler does nothing but record the first signal, so the current step finishes and no half-updated state
+    is ever saved. SLURM signals every process of a job step, DataLoader workers included, and torch's workers
+    die of a SIGTERM that their parent did not send: once a stop is pending, torch's SIGCHLD check (which would
+    raise "DataLoader worker ... killed" anywhere in the step) is switched off, and a batch fetch that fails
+    then is the stop's doing (the loops capture the RNG before each fetch, so the stop saves the state as it was
+    before the step).
+    """
+
+    def __init__(self, signals: Iterable[signal.Signals] = STOP_SIGNALS) -> None:
+        self.signals = tuple(signals)
+        self.received = 0  # the first signal's number; 0: none
+        self._previous: dict[int, Any] = {}
+        self._sigchld: Any = None
+
+    def __enter__(self) -> StopSignals:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # Python handlers live in the main thread
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        self._previous = {}
+        if self._sigchld is not None:
+            signal.signal(signal.SIGCHLD, self._sigchld)
+            self._sigchld = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received:
+            return
+        self.received = int(signum)
+        current = signal.getsignal(signal.SIGCHLD)
+        if getattr(current, "__module__", "").startswith("torch.utils.data"):
+            self._sigchld = current
+            # a Python no-op, not SIG_DFL: a SIGCHLD already pending would print "Signal 17 ignored due to race
+            # condition" with a traceback
+            signal.signal(signal.SIGCHLD, _ignore_signal)
+
+    def agreed(self, world: int, device: torch.device, failed: bool = False) -> tuple[int, bool]:
+        """(the signal to stop for, 0: go on; whether ``failed`` holds on any rank), the same on every rank.
+
+        Every rank calls it at the same point of each step: one all_reduce (MAX) of two scalars under DDP, so
+        the ranks stop at the same step even when the signal reached them at different moments, or only one of
+        them, and a batch fetch that failed on one rank stops all of them instead of leaving the others waiting
+        in the next collective.
+        """
+        if world == 1:
+            return self.received, failed
+        flags = torch.tensor([float(self.received), float(failed)], device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        sig, any_failed = flags.tolist()
+        return int(sig), bool(any_failed)
+
+
+def _ignore_signal(signum: int, frame: Any) -> None:
+    """A Python-level handler that does nothing."""
+
+
+def signal_name(signum: int) -> str:
+    """``SIGTERM`` for 15, the number for an unknown one."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 # ------------------------------------------------------------------------------------------- collapse

@@ -27,6 +27,12 @@ Run integrity (issue 10; the pieces live in ``study.runconfig`` and ``study.runs
 - *Good checkpoints only.* Parameters and buffers are checked for NaN/inf before every checkpoint, so the one a
   divergence message names is finite; a collapse guard flags runs stuck at the uniform-logit loss.
 - *One-line errors.* ``cli`` validates the overrides and every value first (``study.runconfig.RULES``).
+
+Time limits and preemption (issue 19): under ``main`` (the CLI), SIGTERM (SLURM's time limit, preemption,
+torchrun passing it on) and SIGUSR1 (a ``--signal`` warning) let the current step finish; then every rank agrees
+on that step, ``last.pt`` is written there by the periodic save's code (so the resume is exact) and the process
+logs one line naming the signal, the step and the file, and exits with ``RETRY_EXIT`` (75, EX_TEMPFAIL) so that
+Snakemake's ``retries`` reruns the job. A signal during the last step lets the run finish instead.
 """
 
 from __future__ import annotations
@@ -61,12 +67,15 @@ from study.runconfig import (
     validate_config,
 )
 from study.runstate import (
+    RETRY_EXIT,
     UNWRITABLE,
     CollapseGuard,
     DiskWriteError,
     ResumeError,
     RunError,
     RunLocked,
+    RunStopped,
+    StopSignals,
     TrainingCollapsed,
     TrainingDiverged,
     acquire_run_lock,
@@ -83,6 +92,7 @@ from study.runstate import (
     rng_state,
     rotate_log,
     set_rng_state,
+    signal_name,
     write_failure,
 )
 
@@ -402,8 +412,12 @@ def _warn_changes(state: dict[str, Any], run: RunId, steps_per_epoch: int) -> No
 # ------------------------------------------------------------------------------------------------- train
 
 
-def train(cfg: DictConfig) -> Path:
-    """Train (or resume) one model; returns the final checkpoint path."""
+def train(cfg: DictConfig, stop: StopSignals | None = None) -> Path:
+    """Train (or resume) one model; returns the final checkpoint path.
+
+    ``stop``: the CLI's signal flag; when it is raised the run saves ``last.pt`` at the next step boundary and
+    raises ``RunStopped``.
+    """
     from study.mechanisms import build_model
 
     rank, world, local_rank = _init_distributed()
@@ -479,7 +493,7 @@ def train(cfg: DictConfig) -> Path:
     last_good = start if resume_from == last_path else None
     if start < total:
         last_good = _run_steps(train_model, model, optimizer, cfg, urls, start, total, steps_per_epoch, device,
-                               use_bf16, use_cl, metrics, rank, world, last_path, run, resume, last_good)
+                               use_bf16, use_cl, metrics, rank, world, last_path, run, resume, last_good, stop)
 
     nonfinite = model_nonfinite(model)
     if not all_ranks(not nonfinite, world, device):
@@ -522,8 +536,12 @@ def _run_steps(train_model: torch.nn.Module, model: torch.nn.Module, optimizer: 
                cfg: DictConfig, urls: list[str], start: int, total: int, steps_per_epoch: int,
                device: torch.device, use_bf16: bool, use_cl: bool, metrics: MetricsLog | None, rank: int,
                world: int, last_path: Path, run: RunId, resume: dict[str, Any] | None,
-               last_good: int | None) -> int | None:
-    """Steps ``start`` .. ``total - 1``; returns the step of the last checkpoint written (or resumed)."""
+               last_good: int | None, stop: StopSignals | None = None) -> int | None:
+    """Steps ``start`` .. ``total - 1``; returns the step of the last checkpoint written (or resumed).
+
+    A raised ``stop`` flag is read before each step's batch is fetched, so the stop falls between two steps:
+    ``last.pt`` is saved there (unless it already holds that step) and ``RunStopped`` is raised.
+    """
     from tqdm import tqdm
 
     is_main = rank == 0
@@ -574,8 +592,54 @@ def _run_steps(train_model: torch.nn.Module, model: torch.nn.Module, optimizer: 
     from study.colour import BatchColour, device_views  # data.render: batched -> colour per step on `device`
     ds = stream.loader.dataset
     colour = BatchColour(cfg.aug, ds.sizes) if ds.render == "batched" else None
+
+    def save_last(done: int, before: tuple[dict[str, Any], dict[str, Any] | None] | None = None) -> None:
+        """``last.pt`` at ``done`` steps: the periodic save and a stop signal's save are this one code path, at
+        the same point between steps (every rank's RNG as the next step will draw it), so both resume exactly.
+        ``before``: (step RNG, epoch-start RNG) captured before the batch fetch of step ``done``."""
+        step_rng, epoch_rng = before if before is not None else (None, stream.epoch_rng)
+        rngs = gather_rng(epoch_rng, world, step_rng)
+        nonfinite = model_nonfinite(model)
+        if not all_ranks(not nonfinite, world, device):
+            raise TrainingDiverged(_diverged(
+                f"weights/buffers became NaN/inf by step {done} ({', '.join(nonfinite[:3]) or 'on another rank'})"
+                f" and {last_path.name} was not overwritten", cfg, last_path, last_good))
+        if is_main:
+            state = _checkpoint(model, optimizer, done, total, steps_per_epoch, cfg, final=False, run=run,
+                                rng=rngs, run_state={"window": window.state_dict(), "guard": guard.state_dict(),
+                                                     "crop_iou": ious.state_dict(),
+                                                     "wall_s": wall + time.perf_counter() - t_wall})
+            atomic_save(state, last_path)
+
     for step in range(start, total):
-        batch = next(stream)
+        # the CLI path: the RNG as the step starts (a new epoch's iter() draws from it), then the batch, then the
+        # ranks agree on a stop (the fetch may fail by it: SLURM signals the DataLoader workers too)
+        before = (rng_state(), stream.epoch_rng) if stop is not None else None
+        try:
+            batch, fetch_error = next(stream), None
+        except Exception as exc:
+            if stop is None or not (stop.received or world > 1):
+                raise
+            batch, fetch_error = None, exc
+        if stop is not None:
+            sig, failed = stop.agreed(world, device, failed=fetch_error is not None)
+            if sig:
+                if last_good != step:
+                    save_last(step, before)
+                    last_good = step
+                bar.close()
+                if board is not None:
+                    board.close()
+                if world > 1:
+                    dist.barrier()  # rank 0's last.pt is complete before any rank exits (torchrun ends the rest)
+                raise RunStopped(f"received {signal_name(sig)} at step {step}/{total}: the resume state "
+                                 f"{last_path} holds step {step}; exiting with status {RETRY_EXIT} so that the job "
+                                 "is retried and resumes from there")
+            if fetch_error is not None:
+                raise fetch_error
+            if failed:
+                raise RunError(f"the data loader of another rank failed at step {step + 1} (its error is above); "
+                               f"the run stopped on every rank, {last_path.name} is untouched")
         lr = lr_at(step, total, steps_per_epoch, cfg.optim, int(cfg.batch_size) * world)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -643,20 +707,12 @@ def _run_steps(train_model: torch.nn.Module, model: torch.nn.Module, optimizer: 
                     raise TrainingCollapsed(f"{what}; stopped (guard.stop_on_collapse=true). Rerun with a lower "
                                             f"optim.lr (now {cfg.optim.lr}){aside}")
         if done % int(cfg.ckpt_every) == 0 and done < total:
-            rngs = gather_rng(stream.epoch_rng, world)
-            nonfinite = model_nonfinite(model)
-            if not all_ranks(not nonfinite, world, device):
-                raise TrainingDiverged(_diverged(
-                    f"weights/buffers became NaN/inf by step {done} ({', '.join(nonfinite[:3]) or 'on another rank'})"
-                    f" and {last_path.name} was not overwritten", cfg, last_path, last_good))
-            if is_main:
-                state = _checkpoint(model, optimizer, done, total, steps_per_epoch, cfg, final=False, run=run,
-                                    rng=rngs, run_state={"window": window.state_dict(), "guard": guard.state_dict(),
-                                                         "crop_iou": ious.state_dict(),
-                                                         "wall_s": wall + time.perf_counter() - t_wall})
-                atomic_save(state, last_path)
+            save_last(done)
             last_good = done
     bar.close()
+    if stop is not None and stop.received and is_main:
+        log.info("received %s during the last step: finishing the run instead of stopping",
+                 signal_name(stop.received))
     if board is not None:
         board.close()
     if is_main:
@@ -693,7 +749,12 @@ def _log_to_file(message: str) -> None:
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
-        train(cfg)
+        with StopSignals() as stop:  # the run path only: importing or calling train() installs no handler
+            train(cfg, stop)
+    except RunStopped as exc:  # not an error: one line in train.log, then the retry status
+        if int(os.environ.get("RANK", "0")) == 0:
+            log.warning("%s", exc)
+        raise SystemExit(exc.exit_code) from None
     except OSError as exc:  # metrics.csv, config.yaml: a full or read-only disk is the user's to fix too
         if exc.errno not in UNWRITABLE:
             raise
