@@ -43,7 +43,7 @@ from analysis.targets import (
     load_label_png,
     load_split,
 )
-from study.runstate import first_line
+from study.runstate import RETRY_EXIT, first_line
 
 log = logging.getLogger("analysis.transfer")
 
@@ -107,11 +107,15 @@ class _LazyMasks(Sequence):
         return self.split.load_mask(i)
 
 
-def _run_linear(ext: FeatureExtractor, name: str, cfg: Mapping[str, Any], s: dict) -> tuple[dict, int, int]:
+def _run_linear(ext: FeatureExtractor, name: str, cfg: Mapping[str, Any], s: dict, *,
+                state_dir: Path | None = None, stop: Any = None) -> tuple[dict, int, int]:  # fmt: skip
+    """``state_dir`` / ``stop`` (a ``study.runstate.StopSignals``): resume and signals of ``recipe: moco_sgd``,
+    the only recipe long enough to need them (L-BFGS fits cached features in minutes)."""
     train, test = _image_splits(name, cfg)
     spec = _pooled_spec(s, train)
     if s["recipe"] == "moco_sgd":  # augmented views every epoch: the backbone runs per batch, nothing cached
-        return linear_sgd.run_moco_sgd(ext, train, test, s, spec), len(train), len(test)
+        res = linear_sgd.run_moco_sgd(ext, train, test, s, spec, name=name, state_dir=state_dir, stop=stop)
+        return res, len(train), len(test)
     xtr, xte = ext.get(train, spec, train)["features"].float(), ext.get(test, spec, train)["features"].float()
     res = protocols.linear_probe(
         xtr, _labels(train), xte, _labels(test), len(train.classes), multilabel=train.multilabel,
@@ -367,8 +371,11 @@ def run_target(
     device: str | None = None,
     out: Path | None = None,
     progress: bool = True,
+    state_dir: Path | None = None,
+    stop: Any = None,
 ) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` on target ``name`` (config mapping ``cfg``); returns the result record."""
+    """Evaluate ``checkpoint`` on target ``name`` (config mapping ``cfg``); returns the result record.
+    ``state_dir`` / ``stop``: see ``_run_linear`` (other protocols ignore them)."""
     t0 = time.time()
     s, defaulted = _resolve(name, cfg)
     ext = FeatureExtractor(
@@ -376,7 +383,11 @@ def run_target(
         batch_size=int(s["batch_size"]), num_workers=int(s["num_workers"]), progress=progress,
     )  # fmt: skip
     proto = cfg["protocol"]
-    runners = {"linear": _run_linear, "knn": _run_knn, "voc07_svm": _run_svm,
+
+    def linear(*a: Any) -> tuple[dict, int, int]:
+        return _run_linear(*a, state_dir=state_dir, stop=stop)
+
+    runners = {"linear": linear, "knn": _run_knn, "voc07_svm": _run_svm,
                "segment_retrieval": _run_retrieval, "video_propagation": _run_davis}  # fmt: skip
     if proto == "cam":
         res, n_train, n_test = _run_cam(ext, name, cfg, s, out)
@@ -423,19 +434,74 @@ def _json_object(text: str, flag: str, ap: argparse.ArgumentParser) -> dict:
     return obj
 
 
+def _run_resumable(args: argparse.Namespace, name: str, cfg: dict, out: Path) -> int:
+    """The single-target form with ``--state-dir`` and/or under torchrun (the job of a ``recipe: moco_sgd`` target).
+
+    Under torchrun every rank runs this: rank 0 hashes the checkpoint first (the others then read its cached
+    digest instead of racing to write it) and alone writes the result. SIGTERM / SIGUSR1 end the run with its
+    state saved, one log line and ``RETRY_EXIT``, so that Snakemake's ``retries`` reruns the job, which resumes.
+    """
+    import contextlib
+
+    import torch.distributed as dist
+
+    from analysis.features import file_sha256
+    from study.runstate import RunStopped, StopSignals
+
+    rank = 0
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            rank = linear_sgd.init_distributed(args.device)[0]
+            if rank == 0:
+                file_sha256(args.checkpoint, args.cache_dir)
+            dist.barrier()
+        log.info("%s (%s) on %s", name, cfg.get("protocol"), args.checkpoint)
+        signals = StopSignals() if args.state_dir is not None else contextlib.nullcontext()
+        try:
+            with signals as stop:  # the run path only: importing or calling run_target installs no handler
+                result = run_target(args.checkpoint, name, cfg, args.cache_dir, device=args.device, out=out,
+                                    progress=not args.no_progress and rank == 0, state_dir=args.state_dir,
+                                    stop=stop)  # fmt: skip
+        except RunStopped as exc:  # not a failure: one line, then the retry status
+            if rank == 0:
+                log.warning("%s", exc)
+            return exc.exit_code
+        except Exception as exc:
+            known = isinstance(exc, (TargetError, CheckpointArchError, FileNotFoundError))  # no traceback
+            (log.error if known else log.exception)("target %s failed: %s", name, exc)
+            print(f"error: target {name} failed for {args.checkpoint}: {first_line(exc, limit=400)}", file=sys.stderr)
+            return 1
+        if rank == 0:
+            write_json_atomic(result, out)
+            log.info("%s %s = %.4f (%.1fs) -> %s", name, result["metric"], result["value"], result["seconds"], out)
+        return 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, type=Path)
     ap.add_argument("--targets-json", help="every target of this checkpoint: {name: target config entry}")
     ap.add_argument("--out-dir", type=Path, help="with --targets-json: writes <out-dir>/<name>.json per target")
+    ap.add_argument("--manifest", type=Path, default=None,
+                    help="with --targets-json: once every target succeeded, a JSON listing each target's result "
+                         "file, metric and value (the Snakemake rule's output)")  # fmt: skip
     ap.add_argument("--target-json", help="one target's config entry as a JSON object (with --name, --out)")
     ap.add_argument("--name", help="target key (names the cache folder and the result)")
     ap.add_argument("--cache-dir", default="results/features", type=Path)
     ap.add_argument("--out", type=Path, help="with --target-json: the result JSON")
+    ap.add_argument("--state-dir", type=Path, default=None,
+                    help="with --target-json: resumable state of a `recipe: moco_sgd` target (<dir>/state.pt); "
+                         f"SIGTERM / SIGUSR1 save it and exit {RETRY_EXIT}")  # fmt: skip
     ap.add_argument("--log", type=Path, default=None)
     ap.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cuda when available)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    if (args.state_dir is not None or distributed) and args.target_json is None:
+        ap.error("--state-dir and torchrun (WORLD_SIZE > 1) go with the single-target form (--target-json)")
     if args.targets_json is not None:
         if args.out_dir is None or args.target_json is not None:
             ap.error("--targets-json goes with --out-dir (and without --target-json / --name / --out)")
@@ -448,6 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         jobs = {args.name: (_json_object(args.target_json, "--target-json", ap), args.out)}
     else:
         ap.error("pass --targets-json with --out-dir, or --target-json with --name and --out")
+    if args.manifest is not None and args.targets_json is None:
+        ap.error("--manifest goes with --targets-json")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if args.log:
         args.log.parent.mkdir(parents=True, exist_ok=True)
@@ -460,7 +528,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {first_line(exc, limit=400)}", file=sys.stderr)
         return 1
-    failed = []
+    if args.state_dir is not None or distributed:
+        [(name, (cfg, out))] = jobs.items()
+        return _run_resumable(args, name, cfg, out)
+    failed, done = [], {}
     for i, (name, (cfg, out)) in enumerate(jobs.items(), 1):
         log.info("[%d/%d] %s (%s) on %s", i, len(jobs), name, cfg.get("protocol"), args.checkpoint)
         try:
@@ -475,11 +546,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed.append(f"{name}: {type(exc).__name__}: {exc}")
             continue
         write_json_atomic(result, out)
+        done[name] = {"result": str(out), "metric": result["metric"], "value": result["value"]}
         log.info("%s %s = %.4f (%.1fs) -> %s", name, result["metric"], result["value"], result["seconds"], out)
     if failed:
         print(f"error: {len(failed)} of {len(jobs)} target(s) failed for {args.checkpoint}:\n  "
               + "\n  ".join(failed), file=sys.stderr)  # fmt: skip
         return 1
+    if args.manifest is not None:  # written last: its presence says every target of the checkpoint is done
+        write_json_atomic({"checkpoint": str(args.checkpoint), "targets": done}, args.manifest)
     return 0
 
 

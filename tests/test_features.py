@@ -364,13 +364,18 @@ def test_cli_batch_evaluates_every_target_of_a_checkpoint_and_names_the_failed_o
         "toy_linear": {**base, "protocol": "linear", "wd_grid": [1e-3], "max_iter": 30},
     }
     out_dir = tmp_path / "transfer" / "D" / "V"
+    manifest = out_dir / "frozen-targets.json"
     argv = ["--checkpoint", str(ckpt_std), "--targets-json", json.dumps(specs), "--cache-dir",
-            str(tmp_path / "features"), "--out-dir", str(out_dir), "--no-progress"]  # fmt: skip
+            str(tmp_path / "features"), "--out-dir", str(out_dir), "--manifest", str(manifest), "--no-progress"]  # fmt: skip
     assert transfer.main(argv) == 1  # one failed target fails the job ...
     assert sorted(p.name for p in out_dir.iterdir()) == ["toy_knn.json", "toy_linear.json"]  # ... not the others
     lin = json.loads((out_dir / "toy_linear.json").read_text())
     assert lin["target"] == "toy_linear" and lin["feature_cache"] == {"hits": 2, "misses": 0}  # one process
     del specs["broken"]
     assert transfer.main(argv[:3] + [json.dumps(specs)] + argv[4:]) == 0
+    listed = json.loads(manifest.read_text())["targets"]  # written once every target is done
+    assert sorted(listed) == ["toy_knn", "toy_linear"]
+    assert listed["toy_linear"] == {"result": str(out_dir / "toy_linear.json"), "metric": "top1",
+                                    "value": json.loads((out_dir / "toy_linear.json").read_text())["value"]}
     with pytest.raises(SystemExit):  # --targets-json without --out-dir
         transfer.main(["--checkpoint", str(ckpt_std), "--targets-json", json.dumps(specs)])
