@@ -1,14 +1,15 @@
 """Readers for fine-tuned dense transfer: VOC segmentation (any year, DeepLab's train_aug), Cityscapes,
-VOC detection (07+12) and NYU Depth v2, from their real on-disk layouts.
+VOC detection (07+12) and NYU Depth v2 (depth, and 40-class semantic segmentation), from their real on-disk layouts.
 
 Like ``analysis.targets`` (whose error classes they raise), the readers list a split's items without decoding
 pixels, never download, and stop with an error that names the missing file or folder and the layout they
-expect. ``analysis.targets.load_split`` routes the formats ``voc_seg``, ``cityscapes``, ``voc_det`` and
-``nyud_depth`` here.
+expect. ``analysis.targets.load_split`` routes the formats ``voc_seg``, ``cityscapes``, ``voc_det``,
+``nyud_depth`` and ``nyud_seg`` here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -53,6 +54,22 @@ NYUD_LAYOUT = (
     "<root>/nyu_depth_v2_labeled.mat (MATLAB v7.3 / HDF5 with datasets images (N, 3, W, H) uint8 and depths "
     "(N, W, H) metres as h5py sees them) and <root>/splits.mat (MATLAB v5 with trainNdxs / testNdxs, 1-based)"
 )
+NYUD_CLASS_MAP_LAYOUT = (
+    "Gupta et al.'s classMapping40.mat (rgbd-pp / nyud2 release, benchmarkData/metadata): a MATLAB file whose "
+    "`mapClass` (1 x 894) maps label k of the `labels` dataset to class 1..40 (0 = ignore), with an optional "
+    "`className` (1 x 40 cell) naming the classes"
+)
+NYUD_SEG_LAYOUT = (
+    "<root>/nyu_depth_v2_labeled.mat (as nyud_depth, plus its `labels` dataset (N, W, H) of 894-class ids, 0 = "
+    f"unlabeled), <root>/splits.mat, and `class_map`: {NYUD_CLASS_MAP_LAYOUT}"
+)
+# The 40 classes of Gupta et al. (CVPR 2013) in mapClass order; className in the mapping file overrides them.
+NYUD40_CLASSES = (
+    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf", "picture", "counter",
+    "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror", "floor mat", "clothes", "ceiling", "books",
+    "refridgerator", "television", "paper", "towel", "shower curtain", "box", "whiteboard", "person", "night stand",
+    "toilet", "sink", "lamp", "bathtub", "bag", "otherstructure", "otherfurniture", "otherprop",
+)  # fmt: skip
 
 
 def _year(value: Any, target: str) -> int:
@@ -442,37 +459,54 @@ class DepthSplit:
 def read_nyud_depth(target: str, root: str | Path, split: str) -> DepthSplit:
     """NYU Depth v2 labeled set (``nyu_depth_v2_labeled.mat`` + ``splits.mat``); splits "train" (795 images
     in the real release) and "test" (654)."""
+    mat, one_based = _nyud_rows(target, root, split)
+    return DepthSplit(
+        target, split, [f"nyud/{k:05d}" for k in one_based], [k - 1 for k in one_based], str(mat), source=str(root)
+    )
+
+
+def _nyud_rows(target: str, root: str | Path, split: str, labels: bool = False) -> tuple[Path, list[int]]:
+    """The labeled-set file and the split's 1-based image indices, after checking the layout (and, with
+    ``labels``, that the file has a ``labels`` dataset shaped like ``depths``)."""
     import h5py
     from scipy.io import loadmat
 
     root = Path(root)
-    _require(root, target, "root", f"expected layout: {NYUD_LAYOUT} (downloads are disabled)")
+    layout = NYUD_SEG_LAYOUT if labels else NYUD_LAYOUT
+    _require(root, target, "root", f"expected layout: {layout} (downloads are disabled)")
     keys = {"train": "trainNdxs", "test": "testNdxs"}
     if split not in keys:
         raise TargetError(f"target {target!r}: NYUD split {split!r} is not one of train, test")
-    mat = _require(root / "nyu_depth_v2_labeled.mat", target, "labeled set", f"expected layout: {NYUD_LAYOUT}")
-    splits_file = _require(root / "splits.mat", target, "split file", f"expected layout: {NYUD_LAYOUT}")
+    mat = _require(root / "nyu_depth_v2_labeled.mat", target, "labeled set", f"expected layout: {layout}")
+    splits_file = _require(root / "splits.mat", target, "split file", f"expected layout: {layout}")
     try:
         with h5py.File(mat, "r") as f:
             if "images" not in f or "depths" not in f:
                 raise TargetError(
-                    f"target {target!r}: {mat} lacks the `images` / `depths` datasets; expected layout: {NYUD_LAYOUT}"
+                    f"target {target!r}: {mat} lacks the `images` / `depths` datasets; expected layout: {layout}"
                 )
             shape_i, shape_d = f["images"].shape, f["depths"].shape
+            shape_l = f["labels"].shape if "labels" in f else None
     except OSError as exc:
         raise TargetError(
-            f"target {target!r}: {mat} is not a MATLAB v7.3 (HDF5) file ({exc}); expected layout: {NYUD_LAYOUT}"
+            f"target {target!r}: {mat} is not a MATLAB v7.3 (HDF5) file ({exc}); expected layout: {layout}"
         ) from exc
     if len(shape_i) != 4 or shape_i[1] != 3 or tuple(shape_d) != (shape_i[0], *shape_i[2:]):
         raise TargetError(
             f"target {target!r}: {mat}: images {shape_i} / depths {shape_d} do not match (N, 3, W, H) / (N, W, H)"
+        )
+    if labels and (shape_l is None or tuple(shape_l) != tuple(shape_d)):
+        found = "has no `labels` dataset" if shape_l is None else f"has labels {shape_l}, depths {shape_d}"
+        raise TargetError(
+            f"target {target!r}: {mat} {found}; nyud_seg needs the per-pixel class ids as (N, W, H), i.e. "
+            f"{NYUD_SEG_LAYOUT}"
         )
     try:
         idx = loadmat(str(splits_file)).get(keys[split])
     except (OSError, ValueError, TypeError, NotImplementedError) as exc:
         raise TargetError(f"target {target!r}: cannot read split file {splits_file} ({exc})") from exc
     if idx is None:
-        raise TargetError(f"target {target!r}: {splits_file} lacks {keys[split]}; expected layout: {NYUD_LAYOUT}")
+        raise TargetError(f"target {target!r}: {splits_file} lacks {keys[split]}; expected layout: {layout}")
     idx = np.asarray(idx, np.float64).ravel()
     if idx.size == 0:
         raise EmptySplitError(f"target {target!r}: {splits_file}: {keys[split]} is empty")
@@ -482,7 +516,110 @@ def read_nyud_depth(target: str, root: str | Path, split: str) -> DepthSplit:
             f"target {target!r}: {splits_file}: {keys[split]} must hold 1-based indices in 1..{n} "
             f"(the number of images in {mat.name})"
         )
-    one_based = [int(k) for k in idx]
-    return DepthSplit(
-        target, split, [f"nyud/{k:05d}" for k in one_based], [k - 1 for k in one_based], str(mat), source=str(root)
-    )
+    return mat, [int(k) for k in idx]
+
+
+# ------------------------------------------------------------------------------------ NYU Depth v2 segmentation
+
+
+def _mat_field(path: Path, target: str, names: tuple[str, ...]) -> dict[str, Any]:
+    """The named variables of a MATLAB file, v5 (scipy) or v7.3 (HDF5, cell arrays as their string contents)."""
+    import h5py
+    from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
+
+    if not h5py.is_hdf5(path):
+        try:
+            mat = loadmat(str(path), squeeze_me=True, variable_names=list(names))
+        except (OSError, ValueError, TypeError, NotImplementedError, MatReadError) as exc:
+            raise TargetError(f"target {target!r}: class map {path} is not a readable MATLAB file ({exc}); "
+                              f"expected {NYUD_CLASS_MAP_LAYOUT}") from exc  # fmt: skip
+        return {k: mat[k] for k in names if k in mat}
+    out: dict[str, Any] = {}
+    try:
+        with h5py.File(path, "r") as f:
+            for k in names:
+                if k not in f:
+                    continue
+                arr = np.asarray(f[k])
+                if arr.dtype == object:  # cell of strings: references to uint16 character arrays
+                    arr = np.array(["".join(map(chr, np.asarray(f[r]).ravel())) for r in arr.ravel()], dtype=object)
+                out[k] = arr.squeeze()
+    except OSError as exc:
+        raise TargetError(f"target {target!r}: class map {path} is not a readable MATLAB file ({exc}); "
+                          f"expected {NYUD_CLASS_MAP_LAYOUT}") from exc  # fmt: skip
+    return out
+
+
+@cache
+def _class_map(path: str, mtime_ns: int, target: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """(lut, class names) of a classMapping40.mat: ``lut[label]`` is the 0-based class (255 = ignore) of an
+    894-class label (0 = unlabeled -> 255); cached per file version."""
+    mat = _mat_field(Path(path), target, ("mapClass", "className"))
+    bad = f"target {target!r}: class map {path}"
+    if "mapClass" not in mat:
+        raise TargetError(f"{bad} has no `mapClass` variable; expected {NYUD_CLASS_MAP_LAYOUT}")
+    raw = np.asarray(mat["mapClass"])
+    if raw.dtype == object or raw.ndim > 1 or raw.size == 0 or not np.issubdtype(raw.dtype, np.number):
+        raise TargetError(f"{bad}: `mapClass` must be a numeric 1 x N vector (N = 894 labels), got shape "
+                          f"{raw.shape} of {raw.dtype}; expected {NYUD_CLASS_MAP_LAYOUT}")  # fmt: skip
+    values = raw.astype(np.float64).ravel()
+    names = NYUD40_CLASSES
+    if "className" in mat:
+        cells = np.atleast_1d(np.asarray(mat["className"], dtype=object)).ravel()
+        names = tuple(str(c) for c in cells)
+        if not names or not all(isinstance(c, str) and c for c in cells):
+            raise TargetError(f"{bad}: `className` must be a 1 x 40 cell of class names; expected "
+                              f"{NYUD_CLASS_MAP_LAYOUT}")  # fmt: skip
+    if not np.all(values == np.round(values)) or values.min() < 0 or values.max() > len(names):
+        raise TargetError(f"{bad}: `mapClass` must hold integer classes in 0..{len(names)} (0 = ignore), got "
+                          f"{values.min():g}..{values.max():g}; expected {NYUD_CLASS_MAP_LAYOUT}")  # fmt: skip
+    lut = np.full(values.size + 1, 255, np.uint8)  # index 0: unlabeled
+    mapped = values.astype(np.int64)
+    lut[1:] = np.where(mapped > 0, mapped - 1, 255)
+    return lut, names
+
+
+@dataclass
+class NyudSegSplit(DepthSplit):
+    """NYUD-v2 semantic segmentation: the labeled set's images and ``labels`` mapped through ``class_map``
+    (classMapping40.mat). ``load_mask(i)`` is (H, W) uint8 in 0..39, 255 = ignore (unlabeled pixels and labels
+    the map sends to 0), the interface of ``SegmentationSplit`` that ``SegmentationTask`` trains on."""
+
+    class_map: str = ""
+    classes: list[str] = field(default_factory=list)
+    lut: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8), repr=False, compare=False)
+    ignore_index: int = 255
+
+    @property
+    def fingerprint(self) -> str:
+        mapping = hashlib.sha256(self.lut.tobytes()).hexdigest()[:16]  # another mapping is another target
+        return _fingerprint([str(Path(self.path).resolve()), mapping, *self.ids])
+
+    def load_mask(self, i: int) -> np.ndarray:
+        labels = self.load_labels(i)
+        top = int(labels.max()) if labels.size else 0
+        if top >= len(self.lut):
+            raise TargetError(
+                f"target {self.target!r}: {self.path} image {self.ids[i]} has label {top}, but class map "
+                f"{self.class_map} maps labels 1..{len(self.lut) - 1} only; use the classMapping40.mat of this release"
+            )
+        return self.lut[labels]
+
+
+def read_nyud_seg(target: str, root: str | Path, split: str, class_map: str | Path | None) -> NyudSegSplit:
+    """NYUD-v2 40-class semantic segmentation (Gupta et al.'s classes) on the labeled set's standard split (795
+    train / 654 test from ``splits.mat``): the same files as ``read_nyud_depth`` plus the user's mapping file
+    ``class_map`` (classMapping40.mat; nothing is downloaded)."""
+    if not class_map:
+        raise TargetError(
+            f"target {target!r}: format nyud_seg needs `class_map`, the path of Gupta et al.'s classMapping40.mat "
+            f"(894 NYUD labels -> 40 classes); expected {NYUD_SEG_LAYOUT}"
+        )
+    path = _require(Path(class_map), target, "class map (`class_map`)", f"expected {NYUD_CLASS_MAP_LAYOUT}")
+    lut, names = _class_map(str(path.resolve()), path.stat().st_mtime_ns, target)
+    mat, one_based = _nyud_rows(target, root, split, labels=True)
+    return NyudSegSplit(
+        target, split, [f"nyud/{k:05d}" for k in one_based], [k - 1 for k in one_based], str(mat),
+        source=str(root), class_map=str(path), classes=list(names), lut=lut,
+    )  # fmt: skip

@@ -228,7 +228,7 @@ def fig2(config: Mapping, results: str | Path, out_dir: str | Path, rs: Mapping)
     pairs, targets = T.experiment_pairs(config, exp), _targets(config, rs, exp)
     if not targets:
         raise T.ReportConfigError(f"fig2: experiments.{exp} has no transfer target; add `targets: [...]` to it")
-    inputs = T.Inputs(results)
+    inputs = T.Inputs(results, config)
     long = T.transfer_frame(inputs, pairs, targets, rs)
     inputs.check("fig2 (transfer vs IoU ceiling)")
     long["max_iou"] = [_max_iou(config, v) for v in long["variant"]]
@@ -263,7 +263,7 @@ def fig3_plan(config: Mapping, results: str | Path, rs: Mapping) -> list[Path]:
 def fig3(config: Mapping, results: str | Path, out_dir: str | Path, rs: Mapping) -> FigureResult:
     sns = _plotting()[0]
     exp, x, y = rs["fig3"]["experiment"], rs["fig3"].get("x", "step"), rs["fig3"].get("y", "loss")
-    inputs = T.Inputs(results)
+    inputs = T.Inputs(results, config)
     frames = []
     for d, v in T.experiment_pairs(config, exp):
         path = T.metrics_path(results, d, v)
@@ -364,7 +364,7 @@ def fig4(config: Mapping, results: str | Path, out_dir: str | Path, rs: Mapping)
         d = _fig4_dataset(config, rs)
         if d is None:
             raise T.ReportConfigError("fig4: no dataset to take a sample image from; set report.fig4.image")
-        inputs = T.Inputs(results)
+        inputs = T.Inputs(results, config)
         subset = T.subset_path(results, d)
         if not inputs.exists(subset):
             inputs.check("fig4 (constrained multi-crop)")
@@ -429,7 +429,7 @@ def mochi_plan(config: Mapping, results: str | Path, rs: Mapping) -> list[Path]:
 def fig_mochi(config: Mapping, results: str | Path, out_dir: str | Path, rs: Mapping) -> FigureResult:
     sns = _plotting()[0]
     exp = rs["embedding_stats"]["experiment"]
-    inputs = T.Inputs(results)
+    inputs = T.Inputs(results, config)
     stats = {(d, v): inputs.json(T.embedding_stats_path(results, d, v)) for d, v in T.experiment_pairs(config, exp)}
     inputs.check("mochi (embedding statistics)")
     paper = T.load_paper_values()

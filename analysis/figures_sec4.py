@@ -53,8 +53,13 @@ def _n_small(config: Mapping, variant: str) -> int:
 def fig5_plan(config: Mapping, results: str | Path, rs: Mapping) -> list[Path]:
     # metrics.csv is written by the pretrain job next to its declared output, the checkpoint. It is not an
     # output itself: Snakemake deletes the outputs of a failed job, and the resumed run continues that file.
-    pairs = T.experiment_pairs(config, rs["fig5"]["experiment"])
-    return [T.checkpoint_path(results, d, v) for d, v in pairs]
+    return [T.checkpoint_path(results, d, v) for d, v in _trained_pairs(config, rs["fig5"]["experiment"])]
+
+
+def _trained_pairs(config: Mapping, exp: str) -> list[tuple[str, str]]:
+    """The experiment's runs that trained: the untrained baseline (a row of Tables 4 and 9) has no curve."""
+    return [(d, v) for d, v in T.experiment_pairs(config, exp)
+            if T.variant_settings(config, v).get("method_name") != "random_init"]  # fmt: skip
 
 
 def fig5_enabled(config: Mapping, rs: Mapping) -> bool:
@@ -97,8 +102,8 @@ def fig5(config: Mapping, results: str | Path, out_dir: str | Path, rs: Mapping)
     F = _figures()
     sns = F._plotting()[0]
     exp = rs["fig5"]["experiment"]
-    pairs = T.experiment_pairs(config, exp)
-    inputs = T.Inputs(results)
+    pairs = _trained_pairs(config, exp)
+    inputs = T.Inputs(results, config)
     present = [(d, v) for d, v in pairs if inputs.exists(T.metrics_path(results, d, v))]
     inputs.check("fig5 (monitored accuracy vs training time)")
     paper = T.load_paper_values()
@@ -217,7 +222,7 @@ def fig6(config: Mapping, results: str | Path, out_dir: str | Path, rs: Mapping)
             "set report.fig6.two_crop / multi_crop"
         )
     d = T.experiment(config, rs["fig6"]["experiment"])["datasets"][0]
-    inputs = T.Inputs(results)
+    inputs = T.Inputs(results, config)
     res = {v: inputs.result(T.transfer_path(results, d, v, t)) for v in (two, multi)}
     inputs.check("fig6 (class activation maps)")
     n_max = int(rs["fig6"].get("n_images", 6))

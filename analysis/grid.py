@@ -2,7 +2,8 @@
 
 A row of a table is only comparable with the row above it when both models trained on the same schedule:
 MoCHi at 200 epochs against a MoCo-v2 baseline at 400 measures the schedule, not hard negatives. So every
-experiment's variants must agree on the schedule keys (epochs, per-process batch, queue size K, step cap),
+experiment's variants must agree on the schedule keys (epochs, per-process batch, queue size K, step cap, lr,
+its schedule, warm-up and batch scaling),
 read from each variant's *composed* study config (pretrain.overrides, the variant's overrides and the Hydra
 method defaults), unless the experiment names the key it studies under ``studies:``. The global batch is the
 per-process batch times the GPUs of ``pretrain.resources``, which every run shares.
@@ -19,7 +20,9 @@ from typing import Any
 
 from analysis.tables import variant_settings
 
-SCHEDULE_KEYS: tuple[str, ...] = ("epochs", "batch_size", "moco.K", "max_steps")
+# The learning rate and its schedule belong to the schedule too: a variant at another lr measures the lr.
+SCHEDULE_KEYS: tuple[str, ...] = ("epochs", "batch_size", "moco.K", "max_steps", "optim.lr", "optim.schedule",
+                                  "optim.warmup_steps", "optim.lr_scale_batch")  # fmt: skip
 
 Settings = Callable[[str], Mapping[str, Any]]
 

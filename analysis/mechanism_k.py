@@ -56,7 +56,7 @@ def frame(config: Mapping, results: str | Path, rs: Mapping) -> pd.DataFrame:
     exp = _exp(rs)
     pairs = T.experiment_pairs(config, exp)
     targets = T.experiment_targets(config, exp, rs.get("exclude_protocols", ()))
-    inputs = T.Inputs(results)
+    inputs = T.Inputs(results, config)
     long = T.transfer_frame(inputs, pairs, targets, rs)
     inputs.check("mechanism_k (MoCo Fig 3: accuracy vs K per mechanism)")
     mk = {v: mechanism_and_k(config, v) for _, v in pairs}

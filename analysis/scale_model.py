@@ -42,9 +42,13 @@ TARGET_STAND_INS: dict[str, tuple[str, str]] = {
     "cityscapes": ("voc_seg", "voc"),
     "voc_det": ("voc_det", "voc"),
     "nyud_depth": ("nyud_depth", "nyud"),
+    # NYUD 40-class segmentation: the world's NYUD files (their `labels`) and its classMapping40.mat
+    "nyud_seg": ("nyud_seg", "nyud"),
 }
 # Split names of a stand-in that differ from its format's defaults (the world has VOC2007 only, not 07+12).
 STAND_IN_SPLITS: dict[str, dict[str, str]] = {"voc_det": {"train": "2007_trainval", "test": "2007_test"}}
+# Format keys naming a file of the user's, per stand-in format: the world's file (path under its out folder).
+STAND_IN_FILES: dict[str, dict[str, str]] = {"nyud_seg": {"class_map": "nyud/classMapping40.mat"}}
 
 # Per-protocol target sizes (the paper's 224 px / 480p would dominate the run time).
 PROTOCOL_SIZES: dict[str, dict[str, Any]] = {
@@ -175,10 +179,11 @@ def derive(paper: Mapping[str, Any], results: str | Path) -> dict[str, Any]:
         fmt, folder = TARGET_STAND_INS[t["format"]]
         t.update(format=fmt, root=f"{syn}/{folder}", synthetic=True, **PROTOCOL_SIZES.get(t["protocol"], {}))
         t.update(RECIPE_SIZES.get(t.get("recipe", ""), {}))
-        for key in ("splits", "year", "sbd_root"):  # each synthetic set has its format's default split names
+        for key in ("splits", "year", "sbd_root", "class_map"):  # each synthetic set: its format's default splits
             t.pop(key, None)
         if fmt in STAND_IN_SPLITS:
             t["splits"] = dict(STAND_IN_SPLITS[fmt])
+        t.update({key: f"{syn}/{rel}" for key, rel in STAND_IN_FILES.get(fmt, {}).items()})
     cfg["shards"].update(SHARDS)
     pre = cfg["pretrain"]
     paper_batch = next((int(o.split("=", 1)[1]) for o in pre["overrides"] if _key(o) == "batch_size"), None)
@@ -191,6 +196,7 @@ def derive(paper: Mapping[str, Any], results: str | Path) -> dict[str, Any]:
     cfg["variants"] = {v: _scale_variant(o, batch_factor) for v, o in cfg["variants"].items()}
     cfg.setdefault("transfer", {})["resources"] = dict(RESOURCES)
     cfg["transfer"]["finetune_resources"] = dict(RESOURCES)
+    cfg["transfer"]["sgd_resources"] = dict(RESOURCES)
     report = cfg.setdefault("report", {})
     report["fig1"] = {**(report.get("fig1") or {}), **FIG1}
     return cfg

@@ -40,6 +40,7 @@ import pandas as pd
 import yaml
 
 from analysis.compose import composed_settings
+from analysis.target_settings import MANIFEST, runs_alone
 
 log = logging.getLogger("analysis.tables")
 
@@ -246,8 +247,19 @@ def embedding_stats_path(results: str | Path, dataset: str, variant: str) -> Pat
     return Path(results) / "analysis" / dataset / variant / "embedding_stats.json"
 
 
-def make_hint(path: Path, results: str | Path) -> str:
-    """The Snakemake target that produces ``path`` (files written alongside a checkpoint name the checkpoint)."""
+def transfer_dag_file(config: Mapping, path: str | Path) -> str:
+    """The file a job declares for ``path``: a batched frozen-feature target's result JSON is written by its
+    checkpoint's transfer job, whose declared output is the manifest beside it; any other path is its own."""
+    p = Path(path)
+    targets = config.get("targets") or {}
+    if len(p.parts) >= 4 and p.parts[-4] == "transfer" and p.suffix == ".json" and p.stem in targets:
+        if not runs_alone(targets[p.stem]):
+            return str(p.parent / MANIFEST)
+    return str(path)
+
+
+def make_hint(path: Path, results: str | Path, config: Mapping | None = None) -> str:
+    """The Snakemake command that makes ``path`` (files written alongside a checkpoint name the checkpoint)."""
     parts = path.relative_to(Path(results)).parts if path.is_relative_to(Path(results)) else ()
     if parts[:1] == ("pretrain",) and path.name != "checkpoint.pt" or parts[:2] == ("benchmarks", "pretrain"):
         d, v = (parts[1], parts[2]) if parts[0] == "pretrain" else (parts[2], Path(parts[3]).stem)
@@ -256,8 +268,14 @@ def make_hint(path: Path, results: str | Path) -> str:
             return (f"`snakemake {ckpt}` (Snakemake's benchmark: directive of rule pretrain writes it; add "
                     "`--forcerun pretrain` if the checkpoint was made outside Snakemake)")  # fmt: skip
         return f"`snakemake {ckpt}` (rule pretrain writes it next to the checkpoint)"
-    if parts[:1] == ("transfer",) and len(parts) >= 4:  # one transfer rule per checkpoint
-        return f"`snakemake {path}` (rule transfer_{parts[1]}__{parts[2]})"
+    if parts[:1] == ("transfer",) and len(parts) == 4:
+        spec = ((config or {}).get("targets") or {}).get(path.stem)
+        manifest = path.parent / MANIFEST
+        batched = not runs_alone(spec) if spec is not None else manifest.is_file()
+        if batched:  # -f: the job also reruns when its manifest exists but this file was lost
+            return f"`snakemake -f {manifest}` (rule transfer evaluates every frozen-feature target of the checkpoint)"
+        rule = "finetune" if str(spec and spec.get("protocol")).startswith("finetune") else "linear_sgd"
+        return f"`snakemake {path}` (rule {rule})" if spec is not None else f"`snakemake {path}`"
     rule = {"data": "subset/stats", "analysis": "embedding_stats",
             "pretrain": "pretrain"}.get(parts[0] if parts else "", "?")  # fmt: skip
     return f"`snakemake {path}` (rule {rule})"
@@ -268,9 +286,10 @@ def _one_line(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def broken_result(path: Path, problem: str, results: str | Path | None = None) -> ResultFileError:
+def broken_result(path: Path, problem: str, results: str | Path | None = None,
+                  config: Mapping | None = None) -> ResultFileError:  # fmt: skip
     """The one-line error for a damaged input file: the file, what is wrong, and how to rebuild it."""
-    how = make_hint(Path(path), results) if results is not None else f"`snakemake {path}`"
+    how = make_hint(Path(path), results, config) if results is not None else f"`snakemake {path}`"
     return ResultFileError(f"{path} {problem}; delete it, then rebuild it with {how}")
 
 
@@ -285,8 +304,9 @@ def read_csv(path: Path, results: str | Path | None = None, **kwargs: Any) -> pd
 class Inputs:
     """Reads result files, collecting every missing one so a single error lists them all."""
 
-    def __init__(self, results: str | Path):
+    def __init__(self, results: str | Path, config: Mapping | None = None):
         self.results = Path(results)
+        self.config = config  # names the job that makes a missing or broken file
         self.missing: list[Path] = []
 
     def exists(self, path: Path) -> bool:
@@ -297,7 +317,7 @@ class Inputs:
         return False
 
     def broken(self, path: Path, problem: str) -> ResultFileError:
-        return broken_result(path, problem, self.results)
+        return broken_result(path, problem, self.results, self.config)
 
     def json(self, path: Path) -> dict | None:
         """A JSON object written by a stage; None (and listed as missing) when the file does not exist."""
@@ -330,7 +350,7 @@ class Inputs:
 
     def check(self, what: str) -> None:
         if self.missing:
-            lines = [f"  {p}: make it with {make_hint(p, self.results)}" for p in self.missing[:20]]
+            lines = [f"  {p}: make it with {make_hint(p, self.results, self.config)}" for p in self.missing[:20]]
             more = f"\n  ... and {len(self.missing) - 20} more" if len(self.missing) > 20 else ""
             raise MissingResultError(f"{what}: {len(self.missing)} input file(s) missing:\n" + "\n".join(lines) + more)
 
@@ -416,7 +436,7 @@ def _table1_datasets(config: Mapping, rs: Mapping) -> list[str]:
 
 
 def table1(config: Mapping, results: str | Path, rs: Mapping, paper: Mapping) -> Table:
-    inputs = Inputs(results)
+    inputs = Inputs(results, config)
     datasets = _table1_datasets(config, rs)
     stats = {d: inputs.json(stats_path(results, d)) for d in datasets}
     inputs.check("table1 (dataset statistics)")
@@ -469,7 +489,7 @@ def _per_dataset_table(
     name: str, title: str, config: Mapping, results: str | Path, rs: Mapping, paper: Mapping,
     exp: str, pairs: list[tuple[str, str]], targets: list[str], paper_key: str, extra: bool,
 ) -> Table:  # fmt: skip
-    inputs = Inputs(results)
+    inputs = Inputs(results, config)
     long = transfer_frame(inputs, pairs, targets, rs)
     inputs.check(f"{name} ({title})")
     ref = reference_dataset(config, rs, exp)
@@ -551,7 +571,7 @@ def experiment_results(
     exp = rs[key]["experiment"]
     pairs = experiment_pairs(config, exp)
     targets = experiment_targets(config, exp, rs.get("exclude_protocols", ()))
-    inputs = Inputs(results)
+    inputs = Inputs(results, config)
     long = transfer_frame(inputs, pairs, targets, rs)
     inputs.check(what)
     return exp, pairs, targets, long
@@ -590,12 +610,18 @@ def mochi_plan(config: Mapping, results: str | Path, rs: Mapping) -> list[Path]:
     return paths
 
 
+# Detection metrics a MoCHi row shows beside a detection target's AP50: the slides' "VOC 2007" columns.
+MOCHI_DET_METRICS = ("AP", "AP75")
+
+
 def table_mochi(config: Mapping, results: str | Path, rs: Mapping, paper: Mapping) -> Table:
     exp = rs["mochi"]["experiment"]
     pairs = experiment_pairs(config, exp)
     targets = experiment_targets(config, exp, rs.get("exclude_protocols", ()))
-    inputs = Inputs(results)
-    long = transfer_frame(inputs, pairs, targets, rs)
+    det = [t for t in targets if target_protocol(config, t) == "finetune_det"]
+    inputs = Inputs(results, config)
+    extra = [*rs.get("extra_metrics", ()), *MOCHI_DET_METRICS] if det else rs.get("extra_metrics", ())
+    long = transfer_frame(inputs, pairs, targets, {**rs, "extra_metrics": extra})
     emb = {}
     if rs["mochi"].get("embedding_stats"):
         emb = {(d, v): inputs.json(embedding_stats_path(results, d, v)) for d, v in pairs}
@@ -616,6 +642,9 @@ def table_mochi(config: Mapping, results: str | Path, rs: Mapping, paper: Mappin
         for t in targets:
             row[t] = _value(long, d, v, t)
             row[f"{t} delta"] = row[t] - _value(long, d, base_v, t)
+            for m in MOCHI_DET_METRICS if t in det else ():  # AP50 is the target's own value
+                row[f"{t} {m}"] = _value(long, d, v, t, f"extra:{m}")
+                row[f"{t} {m} delta"] = row[f"{t} {m}"] - _value(long, d, base_v, t, f"extra:{m}")
         e = emb.get((d, v)) or {}
         if emb:
             row.update({"alignment": e.get("alignment"), "uniformity": e.get("uniformity"),
@@ -624,16 +653,21 @@ def table_mochi(config: Mapping, results: str | Path, rs: Mapping, paper: Mappin
         oracle = bool(settings[v].get("mochi.oracle", False))
         p200, p100 = ({}, {}) if oracle else (paper_row("in1k_200ep", nss), paper_row("in100_linear", nss))
         row["IN-1k top1 paper"] = p200.get("top1", math.nan)
+        row["VOC det AP50 paper"] = p200.get("voc_ap50", math.nan)
         row["VOC det AP paper"] = p200.get("voc_ap", math.nan)
+        row["VOC det AP75 paper"] = p200.get("voc_ap75", math.nan)
         row["IN-100 top1 paper"] = p100.get("top1", math.nan)
         rows.append(row)
     notes = [f"delta = value - value of {base_v} (no MoCHi) on the same dataset. Embedding statistics on L2-"
              "normalised backbone features of the labelled subset: alignment (same-class pairs, alpha 2, lower = "
              "tighter classes), uniformity (t = 2, lower = more uniform), false neg. share = same-class items "
              "among the top-k hardest queue negatives (chance = share under random ranking).",
-             "Paper columns: the MoCHi slides' ImageNet-1k 200-epoch linear top-1 / VOC07+12 detection AP and "
-             "ImageNet-100 linear top-1 for the same (N, s, s') (MoCo-v2 row: no MoCHi); empty where not "
-             "reported."]  # fmt: skip
+             "Paper columns: the MoCHi slides' ImageNet-1k 200-epoch linear top-1, VOC 2007 test detection AP50 / "
+             "AP / AP75 (Faster R-CNN R50-C4 fine-tuned on VOC07+12 trainval) and ImageNet-100 linear top-1 for the "
+             "same (N, s, s') (MoCo-v2 row: no MoCHi); empty where not reported."]  # fmt: skip
+    if det:
+        notes.insert(1, f"Detection ({', '.join(det)}): the column is AP50, beside it AP (mean over IoU 0.50:0.95) "
+                        "and AP75, each with its delta.")  # fmt: skip
     frame = pd.DataFrame(rows).astype({"N": "Int64", "s": "Int64", "s'": "Int64"})
     stats_cols = ["alignment", "uniformity", "false neg. share", "false neg. chance"]
     return Table("mochi", "MoCHi: hard negative mixing (N, s, s')", frame, notes, dict.fromkeys(stats_cols, 3))

@@ -126,7 +126,7 @@ def _others_note(table: str, rows: Sequence[Mapping], cols: Sequence[str], names
 def table5(config: Mapping, results: str | Path, rs: Mapping, paper: Mapping) -> Table:
     exp = rs["table5"]["experiment"]
     pairs, targets = experiment_pairs(config, exp), _protocol_targets(config, exp, "video_propagation", "table5")
-    inputs = Inputs(results)
+    inputs = Inputs(results, config)
     res = _results(inputs, pairs, targets)
     inputs.check("table5 (DAVIS-2017 video instance segmentation)")
     prows = (paper.get("table5") or {}).get("rows") or []
@@ -163,7 +163,7 @@ def _miou_counts(res: Mapping) -> list[int]:
 def table6(config: Mapping, results: str | Path, rs: Mapping, paper: Mapping) -> Table:
     exp = rs["table6"]["experiment"]
     pairs, targets = experiment_pairs(config, exp), _protocol_targets(config, exp, "segment_retrieval", "table6")
-    inputs = Inputs(results)
+    inputs = Inputs(results, config)
     res = _results(inputs, pairs, targets)
     inputs.check("table6 (VOC semantic segment retrieval)")
     for (d, v, t), r in res.items():
@@ -217,7 +217,7 @@ def table7(config: Mapping, results: str | Path, rs: Mapping, paper: Mapping) ->
     exp = rs["table7"]["experiment"]
     pairs = experiment_pairs(config, exp)
     targets = experiment_targets(config, exp, rs.get("exclude_protocols", ()))
-    inputs = Inputs(results)
+    inputs = Inputs(results, config)
     long = transfer_frame(inputs, pairs, targets, rs)
     inputs.check("table7 (augmentation policies)")
     ptab = paper.get("table7") or {}
@@ -284,7 +284,7 @@ def _knn_paper(rows: Sequence[Mapping], k: int | None, lam: float, warm: float) 
 
 def table8(config: Mapping, results: str | Path, rs: Mapping, paper: Mapping) -> Table:
     grid = _knn_grid(config, rs)
-    inputs = Inputs(results)
+    inputs = Inputs(results, config)
     longs = [transfer_frame(inputs, [(d, v)], ts, rs) for d, v, ts in grid]
     inputs.check("table8 (kNN-MoCo ablation)")
     long = pd.concat(longs, ignore_index=True) if longs else transfer_frame(inputs, [], [], rs)

@@ -45,7 +45,7 @@ LBFGS_KEYS = ("wd_grid", "val_fraction", "max_iter")
 CLASSIFICATION_FORMATS = ("imagefolder", "voc07", "cifar10", "food101", "pets", "cars", "places365", "sun397")
 TORCHVISION_FORMATS = ("cifar10", "food101", "pets", "cars", "places365", "sun397")
 SINGLE_LABEL_FORMATS = tuple(f for f in CLASSIFICATION_FORMATS if f != "voc07")
-FORMATS = (*CLASSIFICATION_FORMATS, "voc_seg", "davis", "voc_det", "cityscapes", "nyud_depth")
+FORMATS = (*CLASSIFICATION_FORMATS, "voc_seg", "davis", "voc_det", "cityscapes", "nyud_depth", "nyud_seg")
 
 # Which formats each protocol reads (the readers' split types: analysis.targets / analysis.dense_targets).
 PROTOCOL_FORMATS: dict[str, tuple[str, ...]] = {
@@ -55,7 +55,7 @@ PROTOCOL_FORMATS: dict[str, tuple[str, ...]] = {
     "cam": CLASSIFICATION_FORMATS,
     "segment_retrieval": ("voc_seg",),
     "video_propagation": ("davis",),
-    "finetune_seg": ("voc_seg", "cityscapes"),
+    "finetune_seg": ("voc_seg", "cityscapes", "nyud_seg"),
     "finetune_det": ("voc_det",),
     "finetune_depth": ("nyud_depth",),
 }
@@ -90,6 +90,7 @@ FORMAT_KEYS = (
     "arch",
     "year",  # voc_seg / voc_det: VOC<year>/ under root (analysis.dense_targets)
     "sbd_root",  # voc_seg train_aug built from SBD
+    "class_map",  # nyud_seg: classMapping40.mat (894 NYUD labels -> 40 classes; analysis.dense_targets)
     "synthetic",
 )
 # Format keys that only some formats read (any other format refuses them).
@@ -100,6 +101,12 @@ FORMAT_ONLY: dict[str, tuple[str, ...]] = {
     "test_fraction": TORCHVISION_FORMATS,
     "year": ("voc_seg", "voc_det"),
     "sbd_root": ("voc_seg",),
+    "class_map": ("nyud_seg",),
+}
+# Format keys a format cannot do without (no default: the file is the user's, and nothing is downloaded).
+FORMAT_REQUIRED: dict[str, dict[str, str]] = {
+    "nyud_seg": {"class_map": "the path of Gupta et al.'s classMapping40.mat (mapClass: 894 NYUD labels -> 40 "
+                              "classes), e.g. /datasets/nyud/classMapping40.mat"},
 }
 
 TRANSFER_COMMON: dict[str, Any] = {
@@ -314,6 +321,7 @@ KEY_CHECKS: dict[str, Check] = {
     "protocol": _choice(*PROTOCOL_FORMATS), "format": _choice(*FORMATS), "root": _str(), "splits": _splits,
     "classes": _list(_str(), null=True), "resolution": _str(), "split_seed": _int(0),
     "test_fraction": _num(0, 1, lo_open=True, hi_open=True), "year": _choice(2007, 2012), "sbd_root": _str(null=True),
+    "class_map": _str(),
     "synthetic": _bool, "arch": _str(null=True),
     # frozen features
     "image_size": _int(1), "resize_ratio": _num(1.0), "mean": _RGB, "std": _list(_POS, length=3),
@@ -348,6 +356,19 @@ PROTOCOL_CHECKS: dict[str, dict[str, Check]] = {
     "linear": {"epochs": _int(1), "milestones": _list(_int(0), min_len=0)},
     "finetune_depth": {"crop_size": _size(null=True)},
 }
+
+# Frozen-feature targets of one checkpoint run in one job and write this manifest beside their results
+# (rules/transfer.smk, rule transfer); the targets that train run alone (see ``runs_alone``).
+MANIFEST = "frozen-targets.json"
+
+
+def runs_alone(cfg: Mapping[str, Any]) -> bool:
+    """Whether a target gets a job of its own: fine-tuning, and MoCo's SGD linear recipe (100 augmented epochs
+    through the backbone), train for hours on GPUs with a resumable state, so a batched job must not redo the
+    cheap targets of its checkpoint because one of these timed out."""
+    proto = cfg.get("protocol")
+    return proto in FINETUNE_PROTOCOLS or (proto == "linear" and cfg.get("recipe") == "moco_sgd")
+
 
 # ------------------------------------------------------------------------------------------ resolution
 
@@ -425,6 +446,9 @@ def target_problems(name: str, cfg: Any) -> list[str]:
         problem = check(value) if check is not None else None
         if problem:
             out.append(f"{where}.{key}: {problem}")
+    for key, what in FORMAT_REQUIRED.get(fmt, {}).items() if fmt in PROTOCOL_FORMATS[proto] else ():
+        if key not in cfg:
+            out.append(f"{where}.{key}: required for format {fmt!r}: {what}")
     for key, paper in REQUIRED_SIZE_KEYS[proto].items():
         if key not in cfg:
             out.append(f"{where}.{key}: required for protocol {proto!r}: the input size depends on the data "

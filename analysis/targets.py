@@ -435,6 +435,7 @@ DEFAULT_SPLITS: dict[str, dict[str, str]] = {
     "voc_det": {"train": "2007_trainval+2012_trainval", "test": "2007_test"},
     "cityscapes": {"train": "train", "test": "val"},
     "nyud_depth": {"train": "train", "test": "test"},
+    "nyud_seg": {"train": "train", "test": "test"},  # 795 / 654 from splits.mat, as nyud_depth
     **{k: {"train": "train", "test": "test"} for k in TORCHVISION_TARGETS},
 }
 
@@ -458,7 +459,8 @@ def load_split(
     """Read the split that plays ``role`` for target ``target`` described by its config mapping.
 
     voc_seg reads ``year`` (default 2007) and ``sbd_root`` (train_aug without SegmentationClassAug); voc_det
-    reads ``year`` (of split parts written without one); see ``analysis.dense_targets``."""
+    reads ``year`` (of split parts written without one); nyud_seg reads ``class_map`` (classMapping40.mat); see
+    ``analysis.dense_targets``."""
     fmt = cfg.get("format")
     if "root" not in cfg:
         raise TargetError(f"target {target!r}: config lacks `root`")
@@ -468,7 +470,7 @@ def load_split(
         return read_imagefolder(target, root, split)
     if fmt == "voc07":
         return read_voc07(target, root, split, cfg.get("classes"))
-    if fmt in ("voc_seg", "cityscapes", "voc_det", "nyud_depth"):
+    if fmt in ("voc_seg", "cityscapes", "voc_det", "nyud_depth", "nyud_seg"):
         from analysis import dense_targets as dense  # imported here: it imports this module
 
         if fmt == "voc_seg":
@@ -477,6 +479,8 @@ def load_split(
             return dense.read_voc_det(target, root, split, year=cfg.get("year", 2007))
         if fmt == "cityscapes":
             return dense.read_cityscapes(target, root, split)
+        if fmt == "nyud_seg":
+            return dense.read_nyud_seg(target, root, split, cfg.get("class_map"))
         return dense.read_nyud_depth(target, root, split)
     if fmt == "davis":
         return read_davis(target, root, split, cfg.get("resolution", "480p"))

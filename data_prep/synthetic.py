@@ -733,11 +733,26 @@ def _write_mat5(path: Path, arrays: dict[str, np.ndarray]) -> None:
     path.write_bytes(bytes(data))
 
 
+NYUD_LABELS = 894  # NYU Depth v2's label vocabulary, which classMapping40.mat maps to 40 classes
+
+
+def nyud_class_map(n_classes: int) -> np.ndarray:
+    """``mapClass`` of the world's classMapping40.mat: label ``k + 1`` (world class ``k``) -> NYU40 class
+    ``(7 k mod 40) + 1``, a fixed permutation (so a reader that skips the map fails), every other of the 894
+    labels -> 40 (otherprop), as the real map sends miscellaneous objects."""
+    out = np.full((1, max(NYUD_LABELS, n_classes)), 40.0)
+    out[0, :n_classes] = [(7 * k) % 40 + 1 for k in range(n_classes)]
+    return out
+
+
 def write_nyud(root: Path, spec: WorldSpec) -> dict[str, Any]:
     """NYU Depth v2's labeled set: ``nyu_depth_v2_labeled.mat`` (v7.3 / HDF5: ``images`` (N, 3, W, H) uint8,
     ``depths`` (N, W, H) single metres, ``labels`` (N, W, H) uint16 class + 1 (0 none), ``instances`` (N, W, H)
     uint8 object number, i.e. MATLAB's H x W x C x N arrays as h5py sees them) and ``splits.mat`` (v5: 1-based
-    ``trainNdxs`` / ``testNdxs`` column vectors). Train and test images are interleaved like the real release."""
+    ``trainNdxs`` / ``testNdxs`` column vectors). Train and test images are interleaved like the real release.
+    Beside them ``classMapping40.mat`` in the layout of Gupta et al.'s file (v5: ``mapClass`` 1 x 894 double,
+    ``className`` 1 x 40 cell; ``nyud_class_map``), which the nyud_seg format reads as its ``class_map``; it is
+    written after the draws, so the other two files are those of a world without it."""
     s = spec.nyud
     n_train, n_test = s.splits["train"], s.splits["test"]
     n = n_train + n_test
@@ -771,6 +786,10 @@ def write_nyud(root: Path, spec: WorldSpec) -> dict[str, Any]:
         "instances": (instances, "uint8")})
     _write_mat5(root / "splits.mat", {"trainNdxs": (rows["train"] + 1.0).reshape(-1, 1),
                                       "testNdxs": (rows["test"] + 1.0).reshape(-1, 1)})
+    from analysis.dense_targets import NYUD40_CLASSES  # the reader's own names, so the two cannot drift
+
+    _write_mat5(root / "classMapping40.mat", {"mapClass": nyud_class_map(s.n_classes),
+                                              "className": np.array([list(NYUD40_CLASSES)], dtype=object)})
     return {"images": {"train": n_train, "test": n_test}, "classes": s.n_classes, "objects": n_obj,
             "depth_m": [float(depths.min()) if n else 0.0, float(depths.max()) if n else 0.0]}
 

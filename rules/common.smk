@@ -25,7 +25,9 @@ if workflow.basedir not in sys.path:
 
 from analysis.grid import GridError, check_grid, select_experiments
 from analysis.tables import ReportConfigError
-from analysis.target_settings import TargetSpecError, check_targets
+from analysis import job_cost
+from analysis.target_settings import FINETUNE_PROTOCOLS, MANIFEST, TargetSpecError, check_targets, runs_alone
+from analysis.target_settings import resolve as resolve_target
 
 try:
     select_experiments(config, config.get("only_experiments"))  # e.g. --config only_experiments=davis
@@ -112,23 +114,36 @@ def transfer_triples():
     return triples
 
 
-def transfer_targets():
-    return [f"{RES}/transfer/{d}/{v}/{t}.json" for d, v, t in transfer_triples()]
-
-
-FINETUNE_PROTOCOLS = ("finetune_seg", "finetune_det", "finetune_depth")
 FINETUNE_TARGETS = sorted(t for t, c in TARGETS.items() if c.get("protocol") in FINETUNE_PROTOCOLS)
+# MoCo's SGD linear recipe trains for hours too: a job of its own (analysis.target_settings.runs_alone)
+SGD_TARGETS = sorted(t for t, c in TARGETS.items() if runs_alone(c) and t not in FINETUNE_TARGETS)
 
 
 def transfer_batches():
-    """(dataset, variant) -> its frozen-feature targets, in a stable order: one transfer job evaluates one
-    checkpoint. Fine-tuning targets get one job each from the finetune rule, since they train and may ask for
-    GPUs."""
+    """(dataset, variant) -> its batched frozen-feature targets, in a stable order: one transfer job evaluates
+    them on one checkpoint and lists them in its manifest. Fine-tuning and SGD linear targets get one job each
+    (they train for hours and may ask for GPUs)."""
     batches = {}
     for d, v, t in transfer_triples():
-        if t not in FINETUNE_TARGETS:
+        if not runs_alone(TARGETS[t]):
             batches.setdefault((d, v), []).append(t)
     return batches
+
+
+BATCHES = transfer_batches()
+
+
+def transfer_targets():
+    """What `all` asks of the transfer stage: each checkpoint's manifest, and the targets that run alone."""
+    return [f"{RES}/transfer/{d}/{v}/{MANIFEST}" for d, v in BATCHES] + [
+        f"{RES}/transfer/{d}/{v}/{t}.json" for d, v, t in transfer_triples() if runs_alone(TARGETS[t])
+    ]
+
+
+def dag_files(paths):
+    """Report inputs as the files jobs declare: a batched target's result JSON is made by its checkpoint's
+    transfer job, whose declared output is the manifest beside it."""
+    return [report_tables.transfer_dag_file(config, p) for p in paths]
 
 
 def _last_override(overrides, key, default):
@@ -150,6 +165,70 @@ def pretrain_priority(wildcards):
 def finetune_priority(wildcards):
     """A fine-tuning job as soon as its checkpoint exists, the longest (steps) first."""
     return float(TARGETS[wildcards.target].get("steps") or 0)
+
+
+def _untrained(variant):
+    return bool(report_tables.variant_settings(config, variant).get("random_init"))
+
+
+def pretrain_gpu(wildcards):
+    """The configured GPUs, none for the untrained baseline (it builds a network and trains nothing)."""
+    return 0 if _untrained(wildcards.variant) else int(PRE_RES.get("gpu", 0))
+
+
+def _runtime(res, estimate):
+    """`runtime: auto` -> the estimate of the work (analysis/job_cost.py); a number of minutes is kept."""
+    value = res.get("runtime", 60)
+    if value != "auto":
+        return int(value)
+    try:
+        return int(estimate()["runtime"])
+    except job_cost.EstimateError as exc:
+        raise WorkflowError(str(exc)) from None
+
+
+def pretrain_runtime(wildcards):
+    s = report_tables.variant_settings(config, wildcards.variant)
+    return _runtime(PRE_RES, lambda: job_cost.pretrain_request(config, wildcards.dataset, s, pretrain_gpu(wildcards)))
+
+
+def _alone_request(res, estimate, wildcards):
+    """A fine-tuning / SGD linear job's request: `gpu: auto` and `runtime: auto` from its work estimate."""
+    t = wildcards.target
+    s = resolve_target(t, target_spec(wildcards.variant, t))[0]
+    try:
+        return estimate(config, t, TARGETS[t], s, res.get("gpu", 0), int(res.get("max_gpu", 8)))
+    except job_cost.EstimateError as exc:
+        raise WorkflowError(str(exc)) from None
+
+
+def finetune_gpu(wildcards):
+    g = FT_RES.get("gpu", 0)
+    return _alone_request(FT_RES, job_cost.finetune_request, wildcards)["gpu"] if g == "auto" else int(g)
+
+
+def finetune_runtime(wildcards):
+    return _runtime(FT_RES, lambda: _alone_request(FT_RES, job_cost.finetune_request, wildcards))
+
+
+def sgd_gpu(wildcards):
+    g = SGD_RES.get("gpu", 0)
+    return _alone_request(SGD_RES, job_cost.sgd_linear_request, wildcards)["gpu"] if g == "auto" else int(g)
+
+
+def sgd_runtime(wildcards):
+    return _runtime(SGD_RES, lambda: _alone_request(SGD_RES, job_cost.sgd_linear_request, wildcards))
+
+
+def batch_targets_json(wildcards):
+    """The batched targets of one checkpoint, as the transfer CLI's --targets-json word."""
+    return targets_json(wildcards.variant, BATCHES.get((wildcards.dataset, wildcards.variant), []))
+
+
+def batch_inputs(wildcards):
+    """The synthetic world, when a batched target of this checkpoint reads it."""
+    ts = BATCHES.get((wildcards.dataset, wildcards.variant), [])
+    return [f"{SYN}/world.json"] if any(TARGETS[t].get("synthetic") for t in ts) else []
 
 
 def expected_arch(variant):
@@ -219,6 +298,7 @@ def launcher(gpus):
 TR = config.get("transfer", {})
 TR_RES = TR.get("resources", {})
 FT_RES = TR.get("finetune_resources", TR_RES)
+SGD_RES = TR.get("sgd_resources", FT_RES)
 
 
 def target_spec(variant, target):

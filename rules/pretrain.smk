@@ -15,9 +15,9 @@ rule pretrain:
     priority: pretrain_priority
     resources:
         mem_mb=PRE_RES.get("mem_mb", 4000),
-        runtime=PRE_RES.get("runtime", 60),
-        gpu=PRE_RES.get("gpu", 0),
-        cpus_per_gpu=PRE_RES.get("cpus_per_gpu", 0) or None,
+        runtime=pretrain_runtime,  # minutes, or `runtime: auto`: estimated from epochs x images (job_cost.py)
+        gpu=pretrain_gpu,  # none for the untrained baseline
+        cpus_per_gpu=lambda wc: (PRE_RES.get("cpus_per_gpu", 0) or None) if pretrain_gpu(wc) else None,
     log:
         f"{RES}/logs/pretrain/{{dataset}}/{{variant}}.log",
     benchmark:
@@ -28,5 +28,7 @@ rule pretrain:
         # appended, not overwritten: an earlier attempt's errors (e.g. a trainer refused by the run-folder lock)
         # stay readable; the trainer's own train.log is rotated to train.log.N
         "echo \"=== attempt started $(date -Is) on $(hostname)\" >> {log}; "
-        "OMP_NUM_THREADS={params.omp} {params.launcher} -m study.train {params.overrides} "
+        # exec: the trainer replaces the shell, so SIGTERM (time limit, preemption) reaches it and not a bash
+        # that would die at once and let the job end before the trainer's save
+        "OMP_NUM_THREADS={params.omp} exec {params.launcher} -m study.train {params.overrides} "
         "data.shards={input.shards} out_dir={params.out_dir} progress=false >> {log} 2>&1"

@@ -9,7 +9,7 @@ localrules:
 
 rule tables:
     input:
-        report_tables.table_inputs(config, RES, TABLE_NAMES),
+        dag_files(report_tables.table_inputs(config, RES, TABLE_NAMES)),
     output:
         [p for n in TABLE_NAMES for p in table_files(n)],
     params:
@@ -52,7 +52,7 @@ rule fig1:
 
 rule figures:
     input:
-        report_figures.figure_inputs(config, RES, FIGURE_NAMES),
+        dag_files(report_figures.figure_inputs(config, RES, FIGURE_NAMES)),
     output:
         [p for n in FIGURE_NAMES for p in figure_files(n)],
     params:

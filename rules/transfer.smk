@@ -1,38 +1,33 @@
-# Transfer stage: one job per checkpoint evaluates all of its experiments' targets in one process (start-up
-# paid once), writing one JSON per target; features are cached per checkpoint. Snakemake needs the outputs of
-# a job to follow from its wildcards, and the target list differs per checkpoint, so each checkpoint gets its
-# own rule, transfer_<dataset>__<variant>.
-
-for (_d, _v), _targets in transfer_batches().items():
-
-    rule:
-        name:
-            f"transfer_{_d}__{_v}"
-        input:
-            ckpt=f"{RES}/pretrain/{_d}/{_v}/checkpoint.pt",
-            world=[f"{SYN}/world.json"] if any(TARGETS[t].get("synthetic") for t in _targets) else [],
-        output:
-            [f"{RES}/transfer/{_d}/{_v}/{t}.json" for t in _targets],
-        params:
-            py=PY,
-            targets=targets_json(_v, _targets),
-            out_dir=lambda wc, output: os.path.dirname(output[0]),
-            cache=TR.get("cache", f"{RES}/features"),
-        threads: TR_RES.get("threads", 1)
-        resources:
-            mem_mb=TR_RES.get("mem_mb", 4000),
-            runtime=TR_RES.get("runtime", 60),
-            gpu=TR_RES.get("gpu", 0),
-        log:
-            f"{RES}/logs/transfer/{_d}/{_v}.log",
-        benchmark:
-            f"{RES}/benchmarks/transfer/{_d}/{_v}.tsv"
-        conda:
-            ENV
-        shell:
-            "OMP_NUM_THREADS={threads} {params.py} -m analysis.transfer --checkpoint {input.ckpt} "
-            "--targets-json {params.targets} --cache-dir {params.cache} --out-dir {params.out_dir} --no-progress "
-            "2> {log}"
+# Transfer stage. Frozen-feature targets: one job per checkpoint evaluates all of its experiments' targets in
+# one process (start-up paid once), writing one JSON per target and then the checkpoint's manifest, the job's
+# declared output (the target list differs per checkpoint, so it cannot be the rule's outputs); features are
+# cached per checkpoint. One rule for every checkpoint, so `--set-resources transfer:...` reaches all of them.
+rule transfer:
+    input:
+        ckpt=f"{RES}/pretrain/{{dataset}}/{{variant}}/checkpoint.pt",
+        world=batch_inputs,
+    output:
+        f"{RES}/transfer/{{dataset}}/{{variant}}/{MANIFEST}",
+    params:
+        py=PY,
+        targets=batch_targets_json,
+        out_dir=lambda wc, output: os.path.dirname(output[0]),
+        cache=TR.get("cache", f"{RES}/features"),
+    threads: TR_RES.get("threads", 1)
+    resources:
+        mem_mb=TR_RES.get("mem_mb", 4000),
+        runtime=TR_RES.get("runtime", 60),
+        gpu=TR_RES.get("gpu", 0),
+    log:
+        f"{RES}/logs/transfer/{{dataset}}/{{variant}}.log",
+    benchmark:
+        f"{RES}/benchmarks/transfer/{{dataset}}/{{variant}}.tsv"
+    conda:
+        ENV
+    shell:
+        "OMP_NUM_THREADS={threads} {params.py} -m analysis.transfer --checkpoint {input.ckpt} "
+        "--targets-json {params.targets} --cache-dir {params.cache} --out-dir {params.out_dir} "
+        "--manifest {output} --no-progress 2> {log}"
 
 
 # Fine-tuning (protocols finetune_seg / finetune_det / finetune_depth): one job per checkpoint x target, with
@@ -57,9 +52,9 @@ if FINETUNE_TARGETS:
         priority: finetune_priority
         resources:
             mem_mb=FT_RES.get("mem_mb", 4000),
-            runtime=FT_RES.get("runtime", 60),
-            gpu=FT_RES.get("gpu", 0),
-            cpus_per_gpu=FT_RES.get("cpus_per_gpu", 0) or None,
+            runtime=finetune_runtime,
+            gpu=finetune_gpu,  # `gpu: auto`: the fewest GPUs that finish within estimate.target_hours
+            cpus_per_gpu=lambda wc: (FT_RES.get("cpus_per_gpu", 0) or None) if finetune_gpu(wc) else None,
         log:
             f"{RES}/logs/finetune/{{dataset}}/{{variant}}/{{target}}.log",
         benchmark:
@@ -68,6 +63,44 @@ if FINETUNE_TARGETS:
             ENV
         shell:
             "echo \"=== attempt started $(date -Is) on $(hostname)\" >> {log}; "
-            "OMP_NUM_THREADS={params.omp} {params.launcher} -m analysis.finetune --checkpoint {input.ckpt} "
+            "OMP_NUM_THREADS={params.omp} exec {params.launcher} -m analysis.finetune --checkpoint {input.ckpt} "
             "--name {wildcards.target} --target-json {params.target} --state-dir {params.state} --out {output} "
             "--no-progress >> {log} 2>&1"
+
+
+# MoCo's SGD linear recipe (ImageNet linear: 100 augmented epochs through the frozen backbone): one job per
+# checkpoint x target, with its own resources (transfer.sgd_resources; gpu > 1 -> the pretraining launcher,
+# DDP) and a per-epoch resumable state in results/linear_sgd/, so a job killed at its time limit resumes.
+if SGD_TARGETS:
+
+    rule linear_sgd:
+        input:
+            ckpt=f"{RES}/pretrain/{{dataset}}/{{variant}}/checkpoint.pt",
+            world=lambda wc: [f"{SYN}/world.json"] if TARGETS[wc.target].get("synthetic") else [],
+        output:
+            f"{RES}/transfer/{{dataset}}/{{variant}}/{{target}}.json",
+        wildcard_constraints:
+            target="|".join(SGD_TARGETS),
+        params:
+            target=lambda wc: quoted_json(target_spec(wc.variant, wc.target)),
+            state=lambda wc: f"{RES}/linear_sgd/{wc.dataset}/{wc.variant}/{wc.target}",
+            cache=TR.get("cache", f"{RES}/features"),
+            launcher=lambda wc, resources: launcher(resources.gpu),
+            omp=lambda wc, threads, resources: max(1, threads // max(1, int(resources.gpu))),
+        threads: SGD_RES.get("threads", 1)
+        resources:
+            mem_mb=SGD_RES.get("mem_mb", 4000),
+            runtime=sgd_runtime,
+            gpu=sgd_gpu,
+            cpus_per_gpu=lambda wc: (SGD_RES.get("cpus_per_gpu", 0) or None) if sgd_gpu(wc) else None,
+        log:
+            f"{RES}/logs/linear_sgd/{{dataset}}/{{variant}}/{{target}}.log",
+        benchmark:
+            f"{RES}/benchmarks/linear_sgd/{{dataset}}/{{variant}}/{{target}}.tsv"
+        conda:
+            ENV
+        shell:
+            "echo \"=== attempt started $(date -Is) on $(hostname)\" >> {log}; "
+            "OMP_NUM_THREADS={params.omp} exec {params.launcher} -m analysis.transfer --checkpoint {input.ckpt} "
+            "--name {wildcards.target} --target-json {params.target} --cache-dir {params.cache} --out {output} "
+            "--state-dir {params.state} --no-progress >> {log} 2>&1"

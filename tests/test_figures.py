@@ -110,8 +110,9 @@ def test_the_figure_cli_names_a_broken_result_file_in_one_line(tmp_path, capsys)
     rc = F.main(["--config-json", json.dumps(make_config()), "--results", str(res_dir), "--out",
                  str(tmp_path / "fig"), "--only", "fig2"])  # fmt: skip
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert rc == 2 and err == [f"error: {bad} is an empty JSON object; delete it, then rebuild it with `snakemake "
-                               f"{bad}` (rule transfer_syn_coco__iou010)"]  # fmt: skip
+    assert rc == 2 and err == [f"error: {bad} is an empty JSON object; delete it, then rebuild it with `snakemake -f "
+                               f"{bad.parent / 'frozen-targets.json'}` (rule transfer evaluates every frozen-feature "
+                               "target of the checkpoint)"]  # fmt: skip
     assert not (tmp_path / "fig").exists()
 
 

@@ -30,7 +30,8 @@ def test_variants_on_different_schedules_are_refused_naming_experiment_variants_
         check_grid(cfg)
 
 
-@pytest.mark.parametrize("key, value", [("batch_size", 64), ("moco.K", 512), ("max_steps", 7)])
+@pytest.mark.parametrize("key, value", [("batch_size", 64), ("moco.K", 512), ("max_steps", 7), ("optim.lr", 0.123),
+                                        ("optim.schedule", "step"), ("optim.warmup_steps", 10)])
 def test_every_schedule_key_counts_even_when_it_comes_from_the_composed_config(key, value):
     cfg = _cfg({"a": ["method=moco_v2"], "b": ["method=moco_v2", f"{key}={value}"]},
                {"e": {"datasets": ["d"], "variants": ["a", "b"]}})  # fmt: skip

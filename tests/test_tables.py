@@ -362,8 +362,13 @@ def test_missing_input_names_file_and_snakemake_target(results, tmp_path):
     missing.unlink()
     with pytest.raises(T.MissingResultError) as err:
         T.build_tables(make_config(), results, tmp_path / "tables", only=["table4"])
-    assert str(missing) in str(err.value) and f"snakemake {missing}" in str(err.value)
+    manifest = missing.parent / "frozen-targets.json"  # the transfer job's declared output
+    assert str(missing) in str(err.value) and f"`snakemake -f {manifest}` (rule transfer" in str(err.value)
     assert str(missing) in T.table_inputs(make_config(), results, ["table4"])
+    assert T.transfer_dag_file(make_config(), missing) == str(manifest)
+    ft = T.transfer_path(results, "syn_in", "moco_v2", "syn_voc_seg_ft")  # a job of its own: itself
+    assert T.transfer_dag_file(make_config(), ft) == str(ft)
+    assert T.make_hint(ft, results, make_config()) == f"`snakemake {ft}` (rule finetune)"
 
 
 def test_markdown_latex_formatting(results, tmp_path):
@@ -414,7 +419,8 @@ def test_a_broken_result_file_is_one_line_naming_the_file_and_the_fix_and_no_tab
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 2 and len(err) == 1, err
     assert err[0].startswith(f"error: {bad} {problem}"), err
-    assert err[0].endswith(f"delete it, then rebuild it with `snakemake {bad}` (rule transfer_syn_coco__mc)")
+    assert err[0].endswith(f"delete it, then rebuild it with `snakemake -f {bad.parent / 'frozen-targets.json'}` "
+                           "(rule transfer evaluates every frozen-feature target of the checkpoint)")
     assert not out.exists()  # no table rendered from it
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from analysis.target_settings import runs_alone
+
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
@@ -106,15 +108,21 @@ def test_paper_config_plans_every_experiment_with_its_transfer_jobs_once_roots_e
     counts = _job_counts(res.stdout)
     pairs = {(d, v) for e in cfg["experiments"].values() for d in e["datasets"] for v in e["variants"]}
     assert counts["pretrain"] == len(pairs)
-    assert [p for p in pairs if p[1] == "random_init"] == [("in118k", "random_init")]  # built once
+    # built once, with COCO: Tables 4 and 9 fine-tune it beside their COCO models (the paper's Rand. init. rows)
+    assert [p for p in pairs if p[1] == "random_init"] == [("coco", "random_init")]
+    batched, alone = set(), set()
     for exp, spec in cfg["experiments"].items():
         assert spec.get("targets"), f"experiments.{exp} evaluates nothing"
         for d in spec["datasets"]:
             for v in spec["variants"]:
-                assert counts.get(f"transfer_{d}__{v}") == 1, (exp, d, v)  # one job per checkpoint
+                for t in spec["targets"]:
+                    (alone.add((d, v, t)) if runs_alone(cfg["targets"][t]) else batched.add((d, v)))
+    assert counts["transfer"] == len(batched)  # one job per checkpoint for its frozen-feature targets
+    sgd = {(d, v, t) for d, v, t in alone if cfg["targets"][t].get("recipe") == "moco_sgd"}
+    assert sgd and counts["linear_sgd"] == len(sgd)  # ImageNet linear: a job of its own per checkpoint
     ft = {(d, v, t) for e in cfg["experiments"].values() for d in e["datasets"] for v in e["variants"]
           for t in e["targets"] if cfg["targets"][t]["protocol"].startswith("finetune_")}  # fmt: skip
-    assert {t for _, _, t in ft} == {"voc_seg_ft", "cityscapes_seg_ft", "voc_det_ft", "nyud_depth_ft"}
+    assert {t for _, _, t in ft} == {"voc_seg_ft", "cityscapes_seg_ft", "nyud_seg_ft", "voc_det_ft", "nyud_depth_ft"}
     assert counts["finetune"] == len(ft)  # one job per checkpoint x fine-tuning target
     assert counts["tables"] == counts["figures"] == 1
 
@@ -135,6 +143,21 @@ def test_finetune_jobs_get_the_gpu_launcher_and_their_own_state(tmp_path, defaul
     assert "--state-dir " + str(tmp_path / "results" / "finetune" / "syn_in" / "moco_v2_long" / "syn_voc_det_ft") in cmd
 
 
+def test_one_transfer_rule_takes_resources_for_every_checkpoint_and_writes_a_manifest(tmp_path, default_cfg):
+    """`--set-resources transfer:...` reaches every frozen-feature job (they were 22 rules with 22 names)."""
+    cfg = _relocate(copy.deepcopy(default_cfg), tmp_path)
+    cfg_path = tmp_path / "study.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    res = subprocess.run([*SNAKEMAKE, "-n", "-p", "--cores", "2", "--configfile", str(cfg_path), "--set-resources",
+                          "transfer:mem_mb=1234"], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    blocks = [b for b in res.stdout.split("\n\n") if "rule transfer:" in b]
+    pairs = {(d, v) for e in cfg["experiments"].values() for d in e["datasets"] for v in e["variants"]
+             if any(not runs_alone(cfg["targets"][t]) for t in e.get("targets", []))}  # fmt: skip
+    assert len(blocks) == len(pairs) == _job_counts(res.stdout)["transfer"]
+    assert all("mem_mb=1234" in b and "frozen-targets.json" in b and "--manifest " in b for b in blocks)
+
+
 def test_only_experiments_plans_one_experiment_and_names_unknown_ones(tmp_path, default_cfg):
     cfg = copy.deepcopy(default_cfg)
     cfg["only_experiments"] = "augmentation"
@@ -143,7 +166,7 @@ def test_only_experiments_plans_one_experiment_and_names_unknown_ones(tmp_path, 
     counts = _job_counts(res.stdout)
     variants = default_cfg["experiments"]["augmentation"]["variants"]
     assert counts["pretrain"] == len(variants) and counts["shards"] == 1
-    assert sorted(k for k in counts if k.startswith("transfer_")) == sorted(f"transfer_syn_coco__{v}" for v in variants)
+    assert counts["transfer"] == len(variants)  # one job per checkpoint
     cfg["only_experiments"] = ["augmentation", "table7"]
     res = _dry_run(tmp_path, cfg)
     assert res.returncode != 0 and "only_experiments: ['table7']" in res.stdout + res.stderr
