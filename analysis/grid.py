@@ -94,10 +94,36 @@ def baseline_errors(config: Mapping, settings: Settings | None = None) -> list[s
     return errors
 
 
-def check_grid(config: Mapping, settings: Settings | None = None) -> None:
-    """Raise GridError listing every unfair comparison and repeated baseline of ``config``."""
+def batch_errors(config: Mapping, settings: Settings | None = None) -> list[str]:
+    """A trained variant whose global batch (per-process batch x the GPUs of pretrain.resources) is not the one
+    its lr was tuned for (``optim.tuned_batch``) and that does not scale its lr (``optim.lr_scale_batch``): a
+    changed GPU count would otherwise train at another batch with the same lr. The trainer checks the same at
+    start-up against the processes it really has (``--set-resources pretrain:gpu=...`` is not visible here)."""
     get = _settings_fn(config, settings)
-    errors = fairness_errors(config, get) + baseline_errors(config, get)
+    gpu = int(((config.get("pretrain") or {}).get("resources") or {}).get("gpu", 0) or 0)
+    world = max(1, gpu)
+    errors, seen = [], set()
+    for spec in (config.get("experiments") or {}).values():
+        for v in spec["variants"]:
+            s = get(v)
+            if v in seen or is_untrained(s):
+                continue
+            seen.add(v)
+            tuned, scale, batch = s.get("optim.tuned_batch"), s.get("optim.lr_scale_batch"), s.get("batch_size")
+            if tuned and not scale and batch and int(batch) * world != int(tuned):
+                errors.append(
+                    f"config key variants.{v}: global batch {int(batch) * world} (batch_size={batch} x {world} GPU "
+                    f"process(es) of pretrain.resources) is not optim.tuned_batch={tuned}, the batch its lr was "
+                    f"tuned for; set batch_size={int(tuned) // world} or optim.lr_scale_batch={tuned} (lr x "
+                    f"global / {tuned}, MoCo's linear rule)"
+                )
+    return errors
+
+
+def check_grid(config: Mapping, settings: Settings | None = None) -> None:
+    """Raise GridError listing every unfair comparison, repeated baseline and untuned global batch."""
+    get = _settings_fn(config, settings)
+    errors = fairness_errors(config, get) + baseline_errors(config, get) + batch_errors(config, get)
     if errors:
         raise GridError("the experiment grid is not sound:\n" + "\n".join(f"  {e}" for e in errors))
 

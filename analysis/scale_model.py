@@ -100,6 +100,7 @@ SUBSET_SIZES: dict[str, dict[str, Any]] = {
 PRETRAIN: dict[str, Any] = {
     "model": "resnet18", "crop.size": 32, "crop.small_size": 16, "batch_size": 16, "moco.K": 256,
     "max_steps": 2, "num_workers": 0, "log_every": 1, "ckpt_every": 50,
+    "optim.tuned_batch": 16,  # the scale model's own global batch (16 x one process): the check stays on
 }  # fmt: skip
 CROP_SCALE = 32 / 224  # variants' own crop sizes (multi-crop 160 px) shrink by the same factor
 CROP_KEYS = ("crop.size", "crop.small_size")

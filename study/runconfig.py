@@ -32,7 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 from study.runstate import RunError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
-NEUTRAL_KEYS = ("out_dir", "progress", "log_every", "ckpt_every", "data.shards", "guard", "monitor")
+NEUTRAL_KEYS = ("out_dir", "progress", "log_every", "ckpt_every", "data.shards", "guard", "monitor",
+                "optim.tuned_batch")  # a check, not a setting: the same run with or without it
 EXECUTION_KEYS = ("num_workers", "device", "precision", "channels_last", "compile", "data.render",
                   "data.decode")
 # The IoU-ceiling estimate: pairs sampled at a typical (ImageNet-like) image size; more fallbacks than this fail.
@@ -156,6 +157,7 @@ RULES: tuple[Rule, ...] = (
     Rule("optim.schedule", "choice", choices=("cosine", "step")),
     Rule("optim.warmup_steps", "int", lo=0),
     Rule("optim.lr_scale_batch", "int", lo=1, nullable=True, hint="linear lr scaling: lr * global batch / this"),
+    Rule("optim.tuned_batch", "int", lo=1, nullable=True, hint="the global batch optim.lr was tuned for"),
     Rule("mechanism", "choice", choices=("queue", "end_to_end", "memory_bank")),
     Rule("bank.momentum", "float", lo=0, hi=1, open_hi=True, hint="memory bank update v <- m v + (1 - m) f"),
     Rule("bank.allow_self", "bool"),
@@ -258,6 +260,12 @@ def _cross_checks(c: Mapping[str, Any], world: int) -> list[str]:
     K, B = int(_get(c, "moco.K", 1)), int(_get(c, "batch_size", 1))
     gb = B * world
     mechanism = _get(c, "mechanism", "queue")
+    tuned, scale = _get(c, "optim.tuned_batch", None), _get(c, "optim.lr_scale_batch", None)
+    if training and tuned and gb != int(tuned) and not scale:
+        fix = f"batch_size={int(tuned) // world} to keep it, or " if int(tuned) % world == 0 else ""
+        errs.append(f"global batch {gb} (batch_size={B} x {world} process(es)) is not optim.tuned_batch={tuned}, the "
+                    f"batch optim.lr={_get(c, 'optim.lr', '?')} was tuned for (did the GPU count change?): set {fix}"
+                    f"optim.lr_scale_batch={tuned} to scale the lr linearly (MoCo's rule: lr x global batch / {tuned})")
     if training and mechanism == "queue" and K % gb:
         errs.append(f"moco.K={K}: must be a multiple of the global batch {gb} (batch_size={B} x {world} "
                     f"process(es)), since MoCo enqueues whole batches; use moco.K={_nearest_multiples(K, gb)}")

@@ -140,16 +140,22 @@ def read_manifest(shard_dir: str | Path) -> tuple[list[str], int, list[str], str
     return [str(t) for t in tars], count, list(meta.get("classes", [])), data_identity(meta)
 
 
+def base_lr(optim: Any, global_batch: int | None = None) -> float:
+    """``optim.lr``, scaled by global_batch / ``optim.lr_scale_batch`` when that is set (MoCo's linear rule)."""
+    base = float(optim.lr)
+    ref = optim.get("lr_scale_batch") if hasattr(optim, "get") else None
+    if ref and global_batch:
+        base *= global_batch / float(ref)
+    return base
+
+
 def lr_at(step: int, total_steps: int, steps_per_epoch: int, optim: Any, global_batch: int | None = None) -> float:
     """Learning rate at a step: cosine (no warm-up, the paper's setting) or MoCo's step decay.
 
     ``optim.lr_scale_batch`` (absent or null: off) applies the linear scaling rule MoCo uses for its end-to-end
     runs with large batches (He et al. 2020, Sec 4.1; Goyal et al. 2017): lr * global_batch / lr_scale_batch.
     """
-    base = float(optim.lr)
-    ref = optim.get("lr_scale_batch") if hasattr(optim, "get") else None
-    if ref and global_batch:
-        base *= global_batch / float(ref)
+    base = base_lr(optim, global_batch)
     warm = int(optim.get("warmup_steps", 0) or 0)
     if warm and step < warm:
         return base * (step + 1) / warm
@@ -310,6 +316,8 @@ def _checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: 
         fingerprint=run.fingerprint,
         data_id=run.data_id,
         world=run.world,
+        global_batch=int(cfg.batch_size) * run.world,  # what the lr below was applied to
+        base_lr=base_lr(cfg.optim, int(cfg.batch_size) * run.world),  # before warm-up and decay
         final=final,
         torch_rng=torch.get_rng_state(),
         rng=rng or [],
@@ -486,9 +494,10 @@ def train(cfg: DictConfig, stop: StopSignals | None = None) -> Path:
     metrics = MetricsLog(out_dir / "metrics.csv", start) if is_main else None
     if is_main:
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
-        log.info("method=%s arch=%s device=%s world=%d bf16=%s channels_last=%s steps=%d (%d/epoch) fingerprint=%s",
-                 cfg.get("method_name"), cfg.model.arch, device, world, use_bf16, use_cl, total, steps_per_epoch,
-                 run.fingerprint)
+        log.info("method=%s arch=%s device=%s world=%d bf16=%s channels_last=%s steps=%d (%d/epoch) global batch=%d "
+                 "lr=%g fingerprint=%s", cfg.get("method_name"), cfg.model.arch, device, world, use_bf16, use_cl, total,
+                 steps_per_epoch, int(cfg.batch_size) * world, base_lr(cfg.optim, int(cfg.batch_size) * world),
+                 run.fingerprint)  # fmt: skip
 
     last_good = start if resume_from == last_path else None
     if start < total:

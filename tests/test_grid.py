@@ -110,3 +110,31 @@ def test_a_typo_in_a_variant_override_names_the_variant_and_the_closest_keys_not
     msg = str(err.value)
     assert "variants.iou030" in msg and "'crop.max_iuo=0.3'" in msg and "did you mean crop.max_iou" in msg
     assert "+crop" not in msg
+
+
+def test_a_gpu_count_that_changes_the_global_batch_stops_the_plan_unless_the_lr_scales():
+    """No silent batch change: 8 GPUs x 64 trains at 512 with the lr tuned for 256."""
+    cfg = _cfg({"a": ["method=moco_v2"], "e2e": ["method=end_to_end", "optim.lr_scale_batch=256"]},
+               {"e": {"datasets": ["d"], "variants": ["a"]}, "f": {"datasets": ["d"], "variants": ["e2e"]}},
+               overrides=("epochs=3", "batch_size=64", "moco.K=4096", "optim.tuned_batch=256"))  # fmt: skip
+    cfg["pretrain"]["resources"] = {"gpu": 4}
+    assert fairness_errors(cfg) == [] and check_grid(cfg) is None  # 4 x 64 = 256
+    cfg["pretrain"]["resources"] = {"gpu": 8}
+    with pytest.raises(GridError) as err:
+        check_grid(cfg)
+    lines = [x.strip() for x in str(err.value).splitlines()[1:]]
+    assert len(lines) == 1 and lines[0].startswith("config key variants.a: global batch 512 (batch_size=64 x 8")
+    assert "set batch_size=32 or optim.lr_scale_batch=256" in lines[0]  # e2e scales its lr: not refused
+
+
+def test_the_trainer_refuses_an_untuned_global_batch_before_any_work():
+    from study.runconfig import ConfigError, validate_config
+
+    cfg = {"out_dir": "/tmp/x", "data": {"shards": "/tmp/s"}, "batch_size": 64, "moco": {"K": 4096},
+           "optim": {"lr": 0.3, "tuned_batch": 256, "lr_scale_batch": None}}  # fmt: skip
+    validate_config(cfg, world=4)
+    with pytest.raises(ConfigError, match=r"global batch 512 \(batch_size=64 x 8 process\(es\)\) is not "
+                                          r"optim.tuned_batch=256.*set batch_size=32 to keep it, or "
+                                          r"optim.lr_scale_batch=256"):  # fmt: skip
+        validate_config(cfg, world=8)
+    validate_config({**cfg, "optim": {**cfg["optim"], "lr_scale_batch": 256}}, world=8)  # scaled: allowed
