@@ -55,6 +55,7 @@ from study.runstate import (
     RETRY_EXIT,
     RunStopped,
     StopSignals,
+    agree_on_state,
     atomic_save,
     first_line,
     gather_rng,
@@ -172,38 +173,6 @@ def _load_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
     return state
 
 
-def _agree_on_state(path: Path, fingerprint: str, rank: int, world: int,
-                    device: torch.device) -> dict[str, Any] | None:
-    """``state.pt`` as rank 0 judged it, on every rank.
-
-    Rank 0 alone reads it, moves a damaged one aside (one warning) or refuses a foreign one, and broadcasts
-    the verdict; the other ranks then load the file it accepted. When every rank judged for itself, all of them
-    moved the same damaged file and the losers died of FileNotFoundError.
-    """
-    state, verdict, error = None, ("fresh", ""), None
-    if rank == 0:
-        try:
-            state = _load_state(path, fingerprint)
-        except Exception as exc:
-            if world == 1:
-                raise
-            verdict, error = ("error", f"{type(exc).__name__}: {first_line(exc)}"), exc
-        else:
-            verdict = ("resume" if state is not None else "fresh", "")
-    if world == 1:
-        return state
-    box: list[Any] = [verdict]
-    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
-    kind, message = box[0]
-    if kind == "error":
-        if rank == 0 and error is not None:
-            raise error
-        raise TargetError(f"rank 0 could not use {path}: {message}")
-    if kind == "resume" and rank != 0:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    return state
-
-
 def finetune(
     checkpoint: str | Path, name: str, cfg: Mapping[str, Any], *, state_dir: str | Path | None = None,
     device: str | None = None, progress: bool = True,
@@ -247,7 +216,7 @@ def finetune(
     saved: int | None = None  # the step state.pt holds
     resume_rng: dict[str, Any] | None = None
     if state_path is not None:
-        state = _agree_on_state(state_path, fp, rank, world, dev)
+        state = agree_on_state(state_path, lambda: _load_state(state_path, fp), rank, world, dev, TargetError)
         if state is not None:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])

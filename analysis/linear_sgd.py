@@ -65,7 +65,15 @@ from torchvision import transforms as T
 
 from analysis import metrics
 from analysis.target_settings import LBFGS_KEYS, MOCO_SGD_DEFAULTS, RECIPES, TargetError  # noqa: F401 (re-exported)
-from study.runstate import RETRY_EXIT, RunStopped, StopSignals, atomic_save, first_line, signal_name
+from study.runstate import (
+    RETRY_EXIT,
+    RunStopped,
+    StopSignals,
+    agree_on_state,
+    atomic_save,
+    first_line,
+    signal_name,
+)
 
 log = logging.getLogger("analysis.linear_sgd")
 
@@ -285,35 +293,6 @@ def _load_state(path: Path, key: Mapping[str, Any]) -> dict[str, Any] | None:
     return state
 
 
-def _agree_on_state(path: Path, key: Mapping[str, Any], rank: int, world: int,
-                    device: torch.device) -> dict[str, Any] | None:  # fmt: skip
-    """The state as rank 0 judged it, on every rank: rank 0 alone reads it, moves a damaged one aside or refuses
-    a foreign one, and broadcasts its verdict; the others then load the file it accepted (if every rank judged
-    for itself, all would move the same damaged file and the losers fail)."""
-    state, verdict, error = None, ("fresh", ""), None
-    if rank == 0:
-        try:
-            state = _load_state(path, key)
-        except Exception as exc:
-            if world == 1:
-                raise
-            verdict, error = ("error", f"{type(exc).__name__}: {first_line(exc)}"), exc
-        else:
-            verdict = ("resume" if state is not None else "fresh", "")
-    if world == 1:
-        return state
-    box: list[Any] = [verdict]
-    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
-    kind, message = box[0]
-    if kind == "error":
-        if rank == 0 and error is not None:
-            raise error
-        raise TargetError(f"rank 0 could not use {path}: {message}")
-    if kind == "resume" and rank != 0:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    return state
-
-
 # ------------------------------------------------------------------------------------------ the recipe
 
 
@@ -386,7 +365,7 @@ def fit_linear_sgd(
         partial: Sequence[float] = (0.0, 0)
         saved: tuple[int, int] | None = None  # the (epoch, step) the state file holds
         if path is not None:
-            state = _agree_on_state(path, key, rank, world, dev)
+            state = agree_on_state(path, lambda: _load_state(path, key), rank, world, dev, TargetError)
             if state is not None:
                 fc.load_state_dict(state["fc"])
                 opt.load_state_dict(state["optimizer"])
@@ -437,7 +416,7 @@ def fit_linear_sgd(
         try:
             net.eval()  # main_lincls.py: eval mode every epoch, the backbone is never trained
             for epoch, step in sampler.schedule():
-                sig = stop.agreed(world, dev) if stop is not None else 0
+                sig = stop.agreed(world, dev)[0] if stop is not None else 0
                 if sig:
                     stop_at(sig, epoch, step)
                 if step == 0:
@@ -469,7 +448,7 @@ def fit_linear_sgd(
                         saved = (epoch + 1, 0)
                 if on_step is not None:
                     on_step(epoch, step + 1, fc)
-            sig = stop.agreed(world, dev) if stop is not None else 0
+            sig = stop.agreed(world, dev)[0] if stop is not None else 0
             if sig:  # the test can take long (ImageNet val: 50k images); the rerun resumes at the end and tests
                 stop_at(sig, epochs, 0)
         finally:

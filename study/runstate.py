@@ -43,7 +43,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -370,6 +370,38 @@ def gather_rng(epoch_rng: dict[str, Any] | None, world: int,
     out: list[Any] = [None] * world
     dist.all_gather_object(out, mine)
     return out
+
+
+def agree_on_state(path: Path, load: Callable[[], dict[str, Any] | None], rank: int, world: int,
+                   device: torch.device, error: type[Exception] = RunError) -> dict[str, Any] | None:
+    """A resume state as rank 0 judged it, on every rank.
+
+    Rank 0 alone runs ``load`` (which reads ``path``, moves a damaged file aside with one warning, or refuses a
+    foreign one) and broadcasts the verdict; the other ranks then load the file it accepted. When every rank
+    judged for itself, all of them moved the same damaged file and the losers died of FileNotFoundError.
+    """
+    state, verdict, failure = None, ("fresh", ""), None
+    if rank == 0:
+        try:
+            state = load()
+        except Exception as exc:
+            if world == 1:
+                raise
+            verdict, failure = ("error", f"{type(exc).__name__}: {first_line(exc)}"), exc
+        else:
+            verdict = ("resume" if state is not None else "fresh", "")
+    if world == 1:
+        return state
+    box: list[Any] = [verdict]
+    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+    kind, message = box[0]
+    if kind == "error":
+        if rank == 0 and failure is not None:
+            raise failure
+        raise error(f"rank 0 could not use {path}: {message}")
+    if kind == "resume" and rank != 0:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    return state
 
 
 # ------------------------------------------------------------------------------------------ stop signals
