@@ -6,8 +6,8 @@ jobs that was 93 % of a plan's CPU. ``composed_settings`` composes with Hydra on
 config-group choices (``method=``, ``optim=``, ``model=``), applies the variant's ``key=value`` overrides to a
 copy with Hydra's own override code, and keeps the result per override list for the life of the process.
 Anything unusual (a sweep, a ``hydra`` key, an override that fails) is composed by Hydra directly, so its
-result or its error message is Hydra's own. ``SSL_PLAN_NO_COMPOSE_CACHE=1`` composes every call with Hydra, as
-before (the baseline of benchmarks/dag.py; tests compare the two).
+result or its error message is Hydra's own. ``SSL_PLAN_NO_COMPOSE_CACHE=1`` composes as before: Hydra on every
+call behind an LRU of 256 override lists (the baseline of benchmarks/dag.py; tests compare the two).
 
 Torch-free: the Snakefile imports it at DAG build.
 """
@@ -15,6 +15,7 @@ Torch-free: the Snakefile imports it at DAG build.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -65,6 +66,11 @@ def hydra_settings(conf_dir: str, overrides: Sequence[str]) -> Flat:
     return _flat(_hydra(conf_dir, overrides))
 
 
+# The composition before this module (the baseline of benchmarks/dag.py): Hydra on every call behind an LRU of
+# 256 override lists, which misses on every call once a plan has more variants than that.
+_hydra_lru = functools.lru_cache(maxsize=256)(hydra_settings)
+
+
 def _compose_split(conf_dir: str, overrides: tuple[str, ...]) -> Flat:
     """Hydra's result for ``overrides``, composing only their config-group choices with Hydra.
 
@@ -101,7 +107,7 @@ def composed_settings(conf_dir: str, overrides: Sequence[str]) -> Flat:
     """The flattened study config of ``overrides``, composed once per distinct override list per process."""
     key = (conf_dir, tuple(overrides))
     if os.environ.get(NO_CACHE_ENV, "") not in ("", "0"):
-        return hydra_settings(*key)
+        return _hydra_lru(*key)
     if key not in _SETTINGS:
         COMPOSE_CALLS["variant"] += 1
         _SETTINGS[key] = _compose_split(*key)
