@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from test_workflow import _relocate  # results paths moved under tmp_path, as the workflow tests do
 
 from analysis import compose, tables
 
@@ -38,17 +39,6 @@ from snakemake.cli import main
 sys.argv = ["snakemake", *sys.argv[1:]]
 main()
 """
-
-
-def _relocate(obj, root: Path):
-    """Every `results...` path of a config moved under `root`, so existing results/ cannot change the plan."""
-    if isinstance(obj, dict):
-        return {k: _relocate(v, root) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_relocate(v, root) for v in obj]
-    if isinstance(obj, str) and (obj == "results" or obj.startswith("results/")):
-        return str(root / obj)
-    return obj
 
 
 def _variant_overrides(path: str) -> list[tuple[str, ...]]:
