@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 CORES ?= 2
 SNAKEMAKE := $(VENV)/bin/snakemake
 
-.PHONY: install demo test lint dryrun bench bench-dag learning clean
+.PHONY: install demo test lint dryrun bench bench-dag bench-startup learning clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ lint: $(STAMP)
 dryrun: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(SNAKEMAKE) -n --cores $(CORES)
 
-bench: $(STAMP) bench-dag
+bench: $(STAMP) bench-dag bench-startup
 	$(PY) benchmarks/shards.py
 	$(PY) benchmarks/loader.py
 	$(PY) benchmarks/train_step.py
@@ -40,6 +40,10 @@ bench: $(STAMP) bench-dag
 # Planning CPU of `snakemake -n` at ~250 / 500 / 1,000 jobs, with and without the composition cache (~1 min)
 bench-dag: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/dag.py
+
+# Start-up CPU of every job entry point (--help; imports up to the first work) vs `import torch` (~3 min)
+bench-startup: $(STAMP)
+	$(PY) benchmarks/startup.py
 
 # Does the trainer learn? MoCo-v2 (scale model, 1224 steps) vs random init on syn_cls, paper protocol (~5 min)
 learning: $(STAMP)

@@ -40,18 +40,35 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
 
-from analysis import target_settings
-from analysis.features import file_sha256
-from analysis.finetune_tasks import TASKS, Task
-from analysis.targets import TargetError
-from analysis.transfer import write_json_atomic
-from study.models import load_backbone
-from study.runstate import (
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, defined above the torch imports: ``--help`` and usage errors cost no torch."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, type=Path)
+    ap.add_argument("--name", required=True, help="target key")
+    ap.add_argument("--target-json", required=True, help="the target's config entry as a JSON object")
+    ap.add_argument("--out", required=True, type=Path, help="result JSON")
+    ap.add_argument("--state-dir", type=Path, default=None, help="resumable state (default: <out>.state/)")
+    ap.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cuda when available)")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+if __name__ == "__main__":  # `python -m analysis.finetune`: answer --help / usage errors before torch loads
+    build_parser().parse_args()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from analysis import target_settings  # noqa: E402
+from analysis.features import file_sha256  # noqa: E402
+from analysis.finetune_tasks import TASKS, Task  # noqa: E402
+from analysis.targets import TargetError  # noqa: E402
+from analysis.transfer import write_json_atomic  # noqa: E402
+from study.models import load_backbone  # noqa: E402
+from study.runstate import (  # noqa: E402
     RETRY_EXIT,
     RunStopped,
     StopSignals,
@@ -327,14 +344,7 @@ def finetune(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, type=Path)
-    ap.add_argument("--name", required=True, help="target key")
-    ap.add_argument("--target-json", required=True, help="the target's config entry as a JSON object")
-    ap.add_argument("--out", required=True, type=Path, help="result JSON")
-    ap.add_argument("--state-dir", type=Path, default=None, help="resumable state (default: <out>.state/)")
-    ap.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cuda when available)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap = build_parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

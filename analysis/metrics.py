@@ -11,7 +11,6 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 
 def top1_accuracy(pred: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:
@@ -165,6 +164,8 @@ def contour_accuracy(
         return 1.0
     if n_p == 0 or n_g == 0:
         return 0.0
+    from scipy import ndimage  # here, not at import: only DAVIS boundary F needs scipy (~0.3 s CPU per job)
+
     disk = _disk(radius)
     gt_dil = ndimage.binary_dilation(bg, structure=disk)
     pred_dil = ndimage.binary_dilation(bp, structure=disk)

@@ -28,13 +28,41 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+from study.exitcodes import RETRY_EXIT
 
-from analysis import linear_sgd, metrics, protocols, target_settings
-from analysis.features import CheckpointArchError, FeatureExtractor, FeatureSpec, read_checkpoint
-from analysis.target_settings import FORMAT_KEYS  # noqa: F401 (callers read it from here)
-from analysis.targets import (
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, defined above the torch imports: ``--help`` and usage errors cost no torch."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, type=Path)
+    ap.add_argument("--targets-json", help="every target of this checkpoint: {name: target config entry}")
+    ap.add_argument("--out-dir", type=Path, help="with --targets-json: writes <out-dir>/<name>.json per target")
+    ap.add_argument("--manifest", type=Path, default=None,
+                    help="with --targets-json: once every target succeeded, a JSON listing each target's result "
+                         "file, metric and value (the Snakemake rule's output)")  # fmt: skip
+    ap.add_argument("--target-json", help="one target's config entry as a JSON object (with --name, --out)")
+    ap.add_argument("--name", help="target key (names the cache folder and the result)")
+    ap.add_argument("--cache-dir", default="results/features", type=Path)
+    ap.add_argument("--out", type=Path, help="with --target-json: the result JSON")
+    ap.add_argument("--state-dir", type=Path, default=None,
+                    help="with --target-json: resumable state of a `recipe: moco_sgd` target (<dir>/state.pt); "
+                         f"SIGTERM / SIGUSR1 save it and exit {RETRY_EXIT}")  # fmt: skip
+    ap.add_argument("--log", type=Path, default=None)
+    ap.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cuda when available)")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+if __name__ == "__main__":  # `python -m analysis.transfer`: answer --help / usage errors before torch loads
+    build_parser().parse_args()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from analysis import linear_sgd, metrics, protocols, target_settings  # noqa: E402
+from analysis.features import CheckpointArchError, FeatureExtractor, FeatureSpec, read_checkpoint  # noqa: E402
+from analysis.target_settings import FORMAT_KEYS  # noqa: E402, F401 (callers read it from here)
+from analysis.targets import (  # noqa: E402
     ImageSplit,
     SegmentationSplit,
     TargetError,
@@ -43,7 +71,7 @@ from analysis.targets import (
     load_label_png,
     load_split,
 )
-from study.runstate import RETRY_EXIT, first_line
+from study.runstate import first_line  # noqa: E402
 
 log = logging.getLogger("analysis.transfer")
 
@@ -481,23 +509,7 @@ def _run_resumable(args: argparse.Namespace, name: str, cfg: dict, out: Path) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, type=Path)
-    ap.add_argument("--targets-json", help="every target of this checkpoint: {name: target config entry}")
-    ap.add_argument("--out-dir", type=Path, help="with --targets-json: writes <out-dir>/<name>.json per target")
-    ap.add_argument("--manifest", type=Path, default=None,
-                    help="with --targets-json: once every target succeeded, a JSON listing each target's result "
-                         "file, metric and value (the Snakemake rule's output)")  # fmt: skip
-    ap.add_argument("--target-json", help="one target's config entry as a JSON object (with --name, --out)")
-    ap.add_argument("--name", help="target key (names the cache folder and the result)")
-    ap.add_argument("--cache-dir", default="results/features", type=Path)
-    ap.add_argument("--out", type=Path, help="with --target-json: the result JSON")
-    ap.add_argument("--state-dir", type=Path, default=None,
-                    help="with --target-json: resumable state of a `recipe: moco_sgd` target (<dir>/state.pt); "
-                         f"SIGTERM / SIGUSR1 save it and exit {RETRY_EXIT}")  # fmt: skip
-    ap.add_argument("--log", type=Path, default=None)
-    ap.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cuda when available)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap = build_parser()
     args = ap.parse_args(argv)
     distributed = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
     if (args.state_dir is not None or distributed) and args.target_json is None:

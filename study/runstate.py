@@ -52,6 +52,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from study.exitcodes import RETRY_EXIT
+
 
 class RunError(RuntimeError):
     """A problem the user fixes (bad value, busy or broken run folder, full disk); printed as one line."""
@@ -79,10 +81,7 @@ class TrainingCollapsed(RunError):
     """The run collapsed and ``guard.stop_on_collapse`` asked to stop."""
 
 
-# EX_TEMPFAIL (sysexits.h): "temporary failure, retry later". The status of a run stopped by SIGTERM / SIGUSR1
-# after saving its state; any non-zero status fails the Snakemake job (torchrun turns it into 1), so the
-# profile's `retries` reruns it and the rerun resumes from the saved state.
-RETRY_EXIT = 75
+# EX_TEMPFAIL, the status of a run stopped by SIGTERM / SIGUSR1 after saving its state: see study.exitcodes
 
 
 class RunStopped(RunError):

@@ -51,14 +51,26 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
-import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from data_prep.shards import ShardError, load_manifest, manifest_counts, verify_shards
-from study.monitor import MONITOR_FIELDS, MonitorConfigError, OnlineMonitor, monitor_spec
-from study.runconfig import (
+HYDRA_HELP_FLAGS = ("--help", "-h", "--hydra-help")
+
+
+def _help_only(cfg: DictConfig) -> None:  # pragma: no cover - Hydra prints the help and exits before a task
+    raise AssertionError("Hydra runs no task with --help")
+
+
+if __name__ == "__main__" and any(a in HYDRA_HELP_FLAGS for a in sys.argv[1:]):
+    # `python -m study.train --help`: the same Hydra app (config path, name, job name) answers before torch loads
+    hydra.main(config_path="conf", config_name="config", version_base=None)(_help_only)()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from data_prep.shards import ShardError, load_manifest, manifest_counts, verify_shards  # noqa: E402
+from study.monitor import MONITOR_FIELDS, MonitorConfigError, OnlineMonitor, monitor_spec  # noqa: E402
+from study.runconfig import (  # noqa: E402
     ConfigError,
     compose_config,
     config_diff,
@@ -66,7 +78,7 @@ from study.runconfig import (
     fingerprint,
     validate_config,
 )
-from study.runstate import (
+from study.runstate import (  # noqa: E402
     RETRY_EXIT,
     UNWRITABLE,
     CollapseGuard,
