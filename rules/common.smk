@@ -8,6 +8,9 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 PY = shlex.quote(sys.executable)
+# The checkout, for inputs that are source files: `--directory elsewhere` must not turn them into missing files
+# (fig1's crop sampler) or into an empty list (the trainer's Hydra configs).
+SRC = os.path.dirname(os.path.abspath(workflow.main_snakefile))
 RES = config["results"]
 ENV = "../workflow/envs/study.yaml"
 DATASETS = config["datasets"]
@@ -26,6 +29,7 @@ if workflow.basedir not in sys.path:
 from analysis.grid import GridError, check_grid, select_experiments
 from analysis.tables import ReportConfigError
 from analysis import job_cost
+from analysis import placement
 from analysis.target_settings import FINETUNE_PROTOCOLS, MANIFEST, TargetSpecError, check_targets, runs_alone
 from analysis.target_settings import resolve as resolve_target
 
@@ -220,6 +224,58 @@ def sgd_runtime(wildcards):
     return _runtime(SGD_RES, lambda: _alone_request(SGD_RES, job_cost.sgd_linear_request, wildcards))
 
 
+# ------------------------------------------------------------------ placement (analysis/placement.py)
+def site(gpu):
+    """The site's SLURM partition and account for a job with `gpu` GPUs (a number or a wildcards function):
+    the three `slurm_*` config keys the slurm profile sets once. Splat into a rule's resources."""
+    if not callable(gpu):
+        return placement.site_resources(config, int(gpu))
+    out = {}
+    for key in ("slurm_partition", "slurm_account"):
+        if any(key in placement.site_resources(config, g) for g in (0, 1)):
+            out[key] = lambda wc, key=key: placement.site_resources(config, gpu(wc)).get(key) or None
+    return out
+
+
+def placed_threads(res, gpu_fn, workers_fn, where_fn):
+    """A GPU rule's `threads`: gpu x cpus_per_gpu (else the config's threads), refused at plan time when the
+    loader workers per GPU process do not fit (placement.check_layout)."""
+
+    def threads(wildcards):
+        gpu = gpu_fn(wildcards)
+        n = placement.job_threads(res, gpu)
+        try:
+            placement.check_layout(n, gpu, workers_fn(wildcards), where_fn(wildcards))
+        except placement.PlacementError as exc:
+            raise WorkflowError(str(exc)) from None
+        return n
+
+    return threads
+
+
+def pretrain_workers(wildcards):
+    return int(report_tables.variant_settings(config, wildcards.variant).get("num_workers", 0) or 0)
+
+
+def target_workers(wildcards):
+    return int(resolve_target(wildcards.target, target_spec(wildcards.variant, wildcards.target))[0]["num_workers"])
+
+
+def sgd_workers(wildcards, threads, gpu):
+    """The SGD linear job's loader workers per process: the target's `num_workers`; a GPU job whose target leaves
+    it unset decodes with every CPU it holds per process but one (the process itself)."""
+    if int(gpu) > 0 and "num_workers" not in TARGETS[wildcards.target]:
+        return max(0, int(threads) // int(gpu) - 1)
+    return target_workers(wildcards)
+
+
+def sgd_target_json(wildcards, threads, gpu):
+    """The SGD linear target's JSON, with the worker count of sgd_workers."""
+    spec = target_spec(wildcards.variant, wildcards.target)
+    spec["num_workers"] = sgd_workers(wildcards, threads, gpu)
+    return quoted_json(spec)
+
+
 def batch_targets_json(wildcards):
     """The batched targets of one checkpoint, as the transfer CLI's --targets-json word."""
     return targets_json(wildcards.variant, BATCHES.get((wildcards.dataset, wildcards.variant), []))
@@ -259,7 +315,7 @@ from glob import glob
 
 PRE = config["pretrain"]
 PRE_RES = PRE["resources"]
-HYDRA_CONF = sorted(glob("study/conf/**/*.yaml", recursive=True))
+HYDRA_CONF = sorted(glob(os.path.join(SRC, "study/conf/**/*.yaml"), recursive=True))
 
 
 def monitor_overrides():

@@ -7,6 +7,8 @@ rule synthetic_world:
         py=PY,
         out=lambda wc, output: os.path.dirname(output[0]),
         spec=quoted_json(config.get("synthetic", {}).get("spec", {})),
+    resources:
+        **site(0),  # the site's CPU partition and account (analysis/placement.py)
     log:
         f"{RES}/logs/synthetic_world.log",
     benchmark:
@@ -29,6 +31,8 @@ rule subset:
         split=lambda wc: DATASETS[wc.dataset].get("split", "train"),
         rule=lambda wc: quoted_json(DATASETS[wc.dataset]["subset"]),
         files=lambda wc: quoted_json(DATASETS[wc.dataset].get("files", {})),
+    resources:
+        **site(0),  # the site's CPU partition and account (analysis/placement.py)
     log:
         f"{RES}/logs/subset/{{dataset}}.log",
     benchmark:
@@ -53,6 +57,8 @@ rule shards:
         workers=config["shards"].get("workers", 1),
         shuffle_seed=config["shards"].get("shuffle_seed", 0),
     threads: config["shards"].get("workers", 1)
+    resources:
+        **site(0),  # the site's CPU partition and account (analysis/placement.py)
     log:
         f"{RES}/logs/shards/{{dataset}}.log",
     benchmark:
@@ -77,6 +83,8 @@ rule stats:
         py=PY,
         many=config.get("stats", {}).get("shots", {}).get("many", 100),
         few=config.get("stats", {}).get("shots", {}).get("few", 20),
+    resources:
+        **site(0),  # the site's CPU partition and account (analysis/placement.py)
     log:
         f"{RES}/logs/stats/{{dataset}}.log",
     benchmark:

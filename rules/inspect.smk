@@ -17,6 +17,7 @@ rule fiftyone_dataset:
         py=PY,
         db=FO_DB,
     resources:
+        **site(0),
         fiftyone_db=1,
     log:
         f"{RES}/logs/fiftyone/{{dataset}}.log",
@@ -39,6 +40,7 @@ rule fiftyone_embeddings:
         py=PY,
         db=FO_DB,
     resources:
+        **site(0),
         fiftyone_db=1,
     log:
         f"{RES}/logs/fiftyone/{{dataset}}/{{variant}}.log",

@@ -1,4 +1,8 @@
 # Pretraining stage: one study.train run per (dataset, variant) of the experiments.
+# gpu x pretrain.resources.cpus_per_gpu (else `threads`); refused when the loader workers do not fit
+PRETRAIN_THREADS = placed_threads(PRE_RES, pretrain_gpu, pretrain_workers,
+                                  lambda wc: f"num_workers of variant {wc.variant!r} (pretrain.overrides, variants)")
+
 rule pretrain:
     input:
         shards=f"{RES}/data/{{dataset}}/shards",
@@ -10,14 +14,16 @@ rule pretrain:
         overrides=lambda wc: " ".join(shlex.quote(o) for o in PRE["overrides"] + MONITOR + VARIANTS[wc.variant]),
         out_dir=lambda wc: f"{RES}/pretrain/{wc.dataset}/{wc.variant}",
         launcher=lambda wc, resources: launcher(resources.gpu),
-        omp=lambda wc, threads, resources: max(1, threads // max(1, int(resources.gpu))),
-    threads: PRE_RES.get("threads", 1)
+        omp=lambda wc, threads, resources: placement.omp_threads(threads, resources.gpu, pretrain_workers(wc)),
+    threads: PRETRAIN_THREADS
     priority: pretrain_priority
     resources:
         mem_mb=PRE_RES.get("mem_mb", 4000),
         runtime=pretrain_runtime,  # minutes, or `runtime: auto`: estimated from epochs x images (job_cost.py)
         gpu=pretrain_gpu,  # none for the untrained baseline
         cpus_per_gpu=lambda wc: (PRE_RES.get("cpus_per_gpu", 0) or None) if pretrain_gpu(wc) else None,
+        nodes=1,  # torchrun --standalone: every process of the job on one node
+        **site(pretrain_gpu),  # the site's partition (GPU or CPU, by what the job asks for) and account
     log:
         f"{RES}/logs/pretrain/{{dataset}}/{{variant}}.log",
     benchmark:

@@ -18,6 +18,8 @@ rule tables:
         out=lambda wc, output: os.path.dirname(output[0]),
         cfg=lambda wc: quoted_json(config),  # a function: braces in the config are not wildcards
         only=",".join(TABLE_NAMES),
+    resources:
+        **site(0),  # the site's CPU partition and account (analysis/placement.py)
     log:
         f"{RES}/logs/report/tables.log",
     benchmark:
@@ -32,7 +34,7 @@ rule tables:
 # Figure 1 depends on the crop sampler only, not on any training run.
 rule fig1:
     input:
-        "study/crops.py",
+        os.path.join(SRC, "study/crops.py"),
     output:
         figure_files("fig1"),
     params:
@@ -40,6 +42,8 @@ rule fig1:
         res=lambda wc: RES,
         out=lambda wc, output: os.path.dirname(output[0]),
         cfg=quoted_json({"report": config.get("report") or {}}),
+    resources:
+        **site(0),  # the site's CPU partition and account (analysis/placement.py)
     log:
         f"{RES}/logs/report/fig1.log",
     benchmark:
@@ -61,6 +65,8 @@ rule figures:
         out=lambda wc, output: os.path.dirname(output[0]),
         cfg=lambda wc: quoted_json(config),  # a function: braces in the config are not wildcards
         only=",".join(FIGURE_NAMES),
+    resources:
+        **site(0),  # the site's CPU partition and account (analysis/placement.py)
     log:
         f"{RES}/logs/report/figures.log",
     benchmark:
@@ -84,6 +90,8 @@ rule embedding_stats:
         source=lambda wc: report_emb.job_source(config, RES, wc.dataset)[1],
         settings=lambda wc: quoted_json(report_emb.job_settings(config, wc.variant)),
     threads: 1
+    resources:
+        **site(0),  # the site's CPU partition and account (analysis/placement.py)
     log:
         f"{RES}/logs/embedding_stats/{{dataset}}/{{variant}}.log",
     benchmark:

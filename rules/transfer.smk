@@ -18,6 +18,8 @@ rule transfer:
         mem_mb=TR_RES.get("mem_mb", 4000),
         runtime=TR_RES.get("runtime", 60),
         gpu=TR_RES.get("gpu", 0),
+        nodes=1,
+        **site(TR_RES.get("gpu", 0)),
     log:
         f"{RES}/logs/transfer/{{dataset}}/{{variant}}.log",
     benchmark:
@@ -47,14 +49,16 @@ if FINETUNE_TARGETS:
             target=lambda wc: quoted_json(target_spec(wc.variant, wc.target)),
             state=lambda wc: f"{RES}/finetune/{wc.dataset}/{wc.variant}/{wc.target}",
             launcher=lambda wc, resources: launcher(resources.gpu),
-            omp=lambda wc, threads, resources: max(1, threads // max(1, int(resources.gpu))),
-        threads: FT_RES.get("threads", 1)
+            omp=lambda wc, threads, resources: placement.omp_threads(threads, resources.gpu, target_workers(wc)),
+        threads: placed_threads(FT_RES, finetune_gpu, target_workers, lambda wc: f"targets.{wc.target}.num_workers")
         priority: finetune_priority
         resources:
             mem_mb=FT_RES.get("mem_mb", 4000),
             runtime=finetune_runtime,
             gpu=finetune_gpu,  # `gpu: auto`: the fewest GPUs that finish within estimate.target_hours
             cpus_per_gpu=lambda wc: (FT_RES.get("cpus_per_gpu", 0) or None) if finetune_gpu(wc) else None,
+            nodes=1,
+            **site(finetune_gpu),
         log:
             f"{RES}/logs/finetune/{{dataset}}/{{variant}}/{{target}}.log",
         benchmark:
@@ -82,17 +86,19 @@ if SGD_TARGETS:
         wildcard_constraints:
             target="|".join(SGD_TARGETS),
         params:
-            target=lambda wc: quoted_json(target_spec(wc.variant, wc.target)),
+            target=lambda wc, threads, resources: sgd_target_json(wc, threads, resources.gpu),
             state=lambda wc: f"{RES}/linear_sgd/{wc.dataset}/{wc.variant}/{wc.target}",
             cache=TR.get("cache", f"{RES}/features"),
             launcher=lambda wc, resources: launcher(resources.gpu),
-            omp=lambda wc, threads, resources: max(1, threads // max(1, int(resources.gpu))),
-        threads: SGD_RES.get("threads", 1)
+            omp=lambda wc, threads, resources: placement.omp_threads(threads, resources.gpu, sgd_workers(wc, threads, resources.gpu)),
+        threads: placed_threads(SGD_RES, sgd_gpu, target_workers, lambda wc: f"targets.{wc.target}.num_workers")
         resources:
             mem_mb=SGD_RES.get("mem_mb", 4000),
             runtime=sgd_runtime,
             gpu=sgd_gpu,
             cpus_per_gpu=lambda wc: (SGD_RES.get("cpus_per_gpu", 0) or None) if sgd_gpu(wc) else None,
+            nodes=1,
+            **site(sgd_gpu),
         log:
             f"{RES}/logs/linear_sgd/{{dataset}}/{{variant}}/{{target}}.log",
         benchmark:

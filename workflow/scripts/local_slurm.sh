@@ -11,7 +11,8 @@
 # munged runs on its own socket and slurm.conf names it via AuthInfo. No accounting (slurmdbd) is configured,
 # so `sacct` cannot answer: clients must query job status with squeue (MinJobAge keeps finished jobs there).
 # Environment knobs: LOCAL_SLURM_PORT (slurmctld port, slurmd uses +1; default 6817),
-# LOCAL_SLURM_WAIT (seconds to wait for the node to become idle; default 60).
+# LOCAL_SLURM_WAIT (seconds to wait for the node to become idle; default 60), LOCAL_SLURM_GPUS (GPUs the node
+# declares, a GRES with stand-in device files: default 4). Partitions: `cpu` (default) and `gpu`, both on this one node.
 # Exit status: 0 ok, 1 failure (with the daemon logs' tails), 2 usage, 3 `status`: not running,
 # 4 SLURM is not installed and cannot be (not root, no apt-get, or apt-get failed).
 set -euo pipefail
@@ -29,6 +30,7 @@ CONF=$STATE/slurm.conf
 PIDS=$STATE/pids           # lines "name pid", written by start, read by stop/status
 PORT=${LOCAL_SLURM_PORT:-6817}
 WAIT=${LOCAL_SLURM_WAIT:-60}
+GPUS=${LOCAL_SLURM_GPUS:-4}   # GPUs (GRES) of the node, for partition `gpu`
 export SLURM_CONF=$CONF
 
 # Is `pid` alive and still the program `name`? (guards against PID reuse after a crash)
@@ -73,7 +75,7 @@ write_config() {
     mem=$(( mem_total - (mem_total / 10 > 1024 ? mem_total / 10 : 1024) ))
     (( mem >= 256 )) || die "only ${mem_total} MB of memory; need at least 1.3 GB for a local SLURM node"
     cat >"$CONF.tmp" <<EOF
-$HEADER: one node (this machine), one default partition, no accounting.
+$HEADER: one node (this machine), partitions cpu and gpu, no accounting.
 ClusterName=localslurm
 SlurmctldHost=localhost
 SlurmctldPort=$PORT
@@ -105,12 +107,24 @@ MpiDefault=none
 ReturnToService=2
 # squeue must still list a job for a while after it ends: the executor's status checks run every few seconds.
 MinJobAge=300
-KillWait=5
+# Seconds between the time limit's SIGTERM and its SIGKILL (SLURM's default 30): a trainer saves in between.
+KillWait=30
 InactiveLimit=0
 SlurmdTimeout=60
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=local Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+# Two partitions on the one node, as on a GPU cluster: cpu (the default) and gpu. The node declares
+# $GPUS GPUs as a GRES whose device files are links to /dev/null (jobs get a GPU allocation, never a device), so the
+# scheduler books and reports --gpus requests exactly as a real cluster would.
+GresTypes=gpu
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem Gres=gpu:$GPUS State=UNKNOWN
+PartitionName=cpu Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=localhost MaxTime=INFINITE State=UP
 EOF
+    # slurmd counts a GPU per character device: links to /dev/null stand in for /dev/nvidia0.. (no job opens them).
+    mkdir -p "$STATE/dev"
+    local i
+    for ((i = 0; i < GPUS; i++)); do ln -sfn /dev/null "$STATE/dev/gpu$i"; done
+    printf '%s\nNodeName=localhost Name=gpu File=%s\n' "$HEADER" "$STATE/dev/gpu[0-$((GPUS - 1))]" >"$STATE/gres.conf.tmp"
+    mv "$STATE/gres.conf.tmp" "$STATE/gres.conf"
     mv "$CONF.tmp" "$CONF"
 }
 
@@ -219,7 +233,8 @@ start() {
     await_pidfile slurmd "$STATE/slurmd.pid" || start_fail "slurmd wrote no pid file"
     local t state=""
     for ((t = 0; t < WAIT * 2; t++)); do
-        state=$(sinfo -h -N -n localhost -o '%t' 2>/dev/null || true)
+        # one line per partition of the node: the node's state is the same on each
+        state=$(sinfo -h -N -n localhost -o '%t' 2>/dev/null | head -n 1 || true)
         [[ $state == idle ]] && break   # not "idle*": that node is not responding
         # A node that registered as down/drained (e.g. a memory mismatch) will not recover on its own.
         if [[ $state == drain* || $state == down* ]] && (( t > 10 )); then
