@@ -230,6 +230,11 @@ def _apply_rows(x: torch.Tensor, rows: torch.Tensor | None, fn: Any, *args: torc
     x.index_copy_(0, rows, fn(x.index_select(0, rows), *(a.index_select(0, rows) for a in args)))
 
 
+# From this side up the CPU renders image by image. 64 images, one thread (benchmarks/train_step.py's machine):
+# per-image vs batched 12.7 vs 3.5 ms at 32 px, 21 vs 15 ms at 64 px, 31 vs 32 ms at 96 px, 316 vs 428 ms at 224.
+PER_SAMPLE_MIN_SIDE = 96
+
+
 def _per_sample(x: torch.Tensor, recipe: Recipe, p: ColourParams, jitter: np.ndarray, gray: np.ndarray,
                 order: np.ndarray) -> torch.Tensor:
     """CPU, jitter and grayscale: one image at a time, in place in ``x``. An image (600 KB at 224 px) stays in
@@ -254,8 +259,9 @@ def apply_colour(x: torch.Tensor, recipe: Recipe, p: ColourParams, per_sample: b
     """The recipe's colour ops on float images in [0, 1] (n, 3, H, W) with the given parameters; returns a new
     tensor in [0, 1]. The coin flips and orders go to the CPU in one transfer (one sync on a GPU). On a GPU
     each op then runs once per jitter position on the rows that draw it (a few large kernels instead of
-    thousands of per-image ones); on the CPU image by image (``_per_sample``). ``per_sample`` overrides the
-    choice (the tests run both ways on the CPU)."""
+    thousands of per-image ones), and so on the CPU for small images, where per-call overhead dominates; on
+    the CPU from ``PER_SAMPLE_MIN_SIDE`` px up image by image (``_per_sample``). Both ways give the same
+    tensor (tests/test_colour.py). ``per_sample`` overrides the choice."""
     x = x.clone()
     dev = x.device
     flags = torch.stack([p.jitter, p.gray, p.blur, p.skip], dim=1).long()
@@ -267,7 +273,9 @@ def apply_colour(x: torch.Tensor, recipe: Recipe, p: ColourParams, per_sample: b
     def do_gray() -> None:
         _apply_rows(x, _rows(gray, dev), lambda y: grayscale(y).expand(-1, 3, -1, -1))
 
-    if dev.type == "cpu" if per_sample is None else per_sample:
+    if per_sample is None:
+        per_sample = dev.type == "cpu" and min(x.shape[-2:]) >= PER_SAMPLE_MIN_SIDE
+    if per_sample:
         _per_sample(x, recipe, p, jitter, gray, order)
     else:
         if recipe.gray_first:

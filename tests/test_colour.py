@@ -170,6 +170,21 @@ def test_full_recipe_matches_torchvision_composed_with_same_params(aug, per_samp
     assert out.dtype == torch.float32
 
 
+@pytest.mark.parametrize("aug", [{"pipeline": "v2"}, {"pipeline": "v1"}, {"pipeline": "v2", "aplus": True}],
+                         ids=["v2", "v1", "v2-aplus"])
+@pytest.mark.parametrize("size", [16, 32, 112])
+def test_the_cpu_strategy_chosen_by_image_size_changes_no_bit(aug, size):
+    """The CPU renders small images batched and large ones image by image (PER_SAMPLE_MIN_SIDE), for speed
+    only: both strategies give the same tensor to the bit, so the choice changes no result."""
+    stage = C.BatchColour(aug, [size])
+    x = _images(32, size, seed=5).float() / 255
+    p = stage.params(0, 32, C.colour_generator(1, 11))
+    per_image = C.apply_colour(x, stage.recipes[0], p, per_sample=True)
+    grouped = C.apply_colour(x, stage.recipes[0], p, per_sample=False)
+    assert torch.equal(per_image, grouped)
+    assert torch.equal(C.apply_colour(x, stage.recipes[0], p), per_image)  # the default choice, whichever it is
+
+
 def test_full_recipe_close_to_todays_pil_pipeline(monkeypatch):
     """Against the pipeline the workers ran until now (PIL colour ops rounding to uint8 after each op, blur on
     the uint8 tensor), same parameters. PIL's hue goes through 8-bit HSV (hue quantised to 1/256 of a turn,
