@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 CORES ?= 2
 SNAKEMAKE := $(VENV)/bin/snakemake
 
-.PHONY: install demo test lint dryrun bench bench-dag bench-startup learning clean
+.PHONY: install demo test test-quick lint dryrun bench bench-dag bench-startup learning clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,12 @@ demo: $(STAMP)
 
 # A lint finding fails the tests: ruff, then snakemake's own linter (rules vs functions, paths, ...).
 test: $(STAMP) lint
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/pytest -q
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/pytest -q --durations=15
+
+# While developing: everything but the end-to-end runs (marker slow: the scale model's whole DAG, kill/resume
+# and DDP runs, the GPU benchmark's smoke run) and the local SLURM (marker slurm). CI runs all (`make test`).
+test-quick: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/pytest -q -m "not slow and not slurm"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

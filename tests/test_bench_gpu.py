@@ -40,6 +40,7 @@ def _last_json(text: str) -> dict:
     return json.loads(text.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_stage_on_cpu(tmp_path: Path) -> None:
     env = {**os.environ, "OUT": str(tmp_path)}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke"], cwd=ROOT, env=env, capture_output=True,
@@ -106,6 +107,7 @@ def test_budget_skips_stages_and_hard_stops_a_hung_one(
     assert res["step_only_img_s"] is None
 
 
+@pytest.mark.slow
 def test_batched_render_path_with_a_stub_renderer(
     gpu: types.ModuleType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

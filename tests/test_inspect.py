@@ -436,6 +436,7 @@ def _start_app(own_db: dict, out: Path) -> tuple[subprocess.Popen, int]:
     raise AssertionError("unreachable")
 
 
+@pytest.mark.slow
 def test_killed_app_command_leaves_no_server_or_database(own_db, tmp_path):
     import psutil
 

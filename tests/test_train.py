@@ -58,6 +58,7 @@ def _metric_steps(out_dir: Path) -> list[int]:
         return [int(r["step"]) for r in csv.DictReader(fh)]
 
 
+@pytest.mark.slow
 def test_training_writes_loadable_checkpoint_metrics_and_config(tmp_path, shard_dir):
     out = tmp_path / "run"
     res = _run(out, shard_dir, "epochs=2", "log_every=1", "ckpt_every=100")
@@ -85,6 +86,7 @@ def test_training_writes_loadable_checkpoint_metrics_and_config(tmp_path, shard_
     assert not torch.allclose(w, w0)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_has_no_gap_and_no_duplicate_step(tmp_path, shard_dir):
     out = tmp_path / "run"
     proc = _train(out, shard_dir, "epochs=3", "log_every=1", "ckpt_every=4", start_new_session=True)
@@ -125,6 +127,7 @@ def test_missing_shards_is_a_clear_error(tmp_path):
     assert "manifest.json" in res.stdout and "nowhere" in res.stdout
 
 
+@pytest.mark.slow
 def test_two_process_ddp_run_of_the_entry_point(tmp_path, shard_dir):
     """torchrun with 2 CPU (gloo) processes: DDP wrapping, shuffle BN across ranks, gathered enqueue, rank-0 I/O."""
     out = tmp_path / "ddp"

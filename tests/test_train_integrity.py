@@ -87,6 +87,7 @@ def reference(tmp_path_factory, shard_dir) -> Path:  # noqa: F811
 # ------------------------------------------------------------------------------------------ exact resume
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ckpt_every, boundary", [(4, False), (6, True)], ids=["mid-epoch", "epoch-boundary"])
 def test_kill_9_and_rerun_ends_byte_identical_to_an_unbroken_run(tmp_path, shard_dir, reference, ckpt_every,  # noqa: F811
                                                                  boundary):
@@ -130,6 +131,7 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 def test_ddp_run_killed_mid_epoch_resumes_byte_identical(tmp_path, shard_dir):  # noqa: F811
     """torchrun, 2 gloo processes (3 steps per epoch): every rank's RNG and its data stream are resumed."""
 
@@ -220,6 +222,7 @@ def test_fingerprint_ignores_only_keys_that_cannot_change_the_result():
     assert config_diff(base, moved, keys="execution") == ["device: 'auto' -> 'cpu'", "num_workers: 1 -> 4"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "not-a-checkpoint", "wrong-architecture"])
 def test_unusable_last_pt_is_named_in_one_line_with_the_command_that_moves_it(tmp_path, shard_dir, reference,  # noqa: F811
                                                                              damage):
@@ -269,6 +272,7 @@ def test_lock_names_its_holder_and_is_released_by_kill_9(tmp_path):
     assert f"pid={os.getpid()}" in (out / ".lock").read_text()
 
 
+@pytest.mark.slow
 def test_second_trainer_on_a_folder_stops_at_once_and_touches_nothing(tmp_path, shard_dir):  # noqa: F811
     out = tmp_path / "run"
     first = _train(out, shard_dir, "epochs=30", "log_every=1", "ckpt_every=1000", start_new_session=True)
@@ -319,6 +323,7 @@ def test_divergence_points_to_a_finite_checkpoint_and_the_right_step(tmp_path, s
     assert int(m[2]) == int(bad[2]) - 1
 
 
+@pytest.mark.slow
 def test_collapse_is_flagged_in_metrics_and_log_and_can_stop_the_run(tmp_path, shard_dir, reference):  # noqa: F811
     assert {r["collapse"] for r in _rows(reference)} == {"0"}  # a healthy run is never flagged
     out = tmp_path / "run"
