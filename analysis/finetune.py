@@ -22,7 +22,10 @@ line names the signal, the step and the file, and the process exits with ``study
 that Snakemake's ``retries`` reruns the job, which resumes exactly. A signal after the last step stops before
 the test (the rerun only tests).
 
-The result JSON has the same fields as ``analysis.transfer``'s, so the tables read it the same way.
+The result JSON has the same fields as ``analysis.transfer``'s, so the tables read it the same way. On a CPU-only
+config no job runs this CLI: the checkpoint's transfer job calls ``finetune`` with the state directory this job
+would use (``analysis.target_settings.runs_alone``; ``analysis.transfer --training-json``), after its other
+targets; ``seed_globals`` makes the numbers independent of what ran before in the process.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import json
 import logging
 import math
 import os
+import random
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -156,6 +160,15 @@ class _Samples(torch.utils.data.Dataset):
         return self.task.sample(i, np.random.default_rng([self.seed, 1, p]))
 
 
+def seed_globals(seed: int) -> None:
+    """Seed every global RNG a run draws from (torch CPU and CUDA, numpy, python): the run then draws the same
+    numbers in a fresh process and in one that ran other targets first (a CPU config's batched transfer job,
+    analysis.transfer ``--training-json``). A resumed run then restores the saved state over these."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def _init_distributed() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1 and not dist.is_initialized():
@@ -206,7 +219,7 @@ def finetune(
     dev = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    torch.manual_seed(int(s["seed"]))  # the heads' initialisation
+    seed_globals(int(s["seed"]))  # the heads' initialisation, the loader's base seed, detection's samplers
     task = TASKS[cfg["protocol"]](name, cfg, s)
     backbone, info = load_backbone(checkpoint, arch=s["arch"])
     model = task.build(backbone).to(dev)

@@ -169,11 +169,38 @@ def _resources(config: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return {"transfer": tr.get("resources", {}), "finetune": ft, "linear_sgd": tr.get("sgd_resources", ft)}[key]
 
 
+def batched_request(config: Mapping[str, Any], names: list[str]) -> dict[str, int]:
+    """What one checkpoint's `transfer` job asks for when it runs ``names`` (its batched targets): the
+    ``transfer.resources``, and for each training target that runs in it (a CPU-only config,
+    ``analysis.target_settings.runs_alone``) the threads and memory its own job would have asked for (the
+    larger wins) and its runtime added to the job's (``runtime: auto``: its estimate, as its own job's)."""
+    from analysis.target_settings import job_resources, resolve, trains
+
+    tr = _resources(config, "transfer")
+    out = {"threads": max(1, int(tr.get("threads", 1) or 1)), "mem_mb": int(tr.get("mem_mb", 4000)),
+           "runtime": int(tr.get("runtime", 60))}  # fmt: skip
+    targets = config.get("targets") or {}
+    for t in names:
+        if not trains(targets[t]):
+            continue
+        res = job_resources(config, targets[t])
+        out["threads"] = max(out["threads"], int(res.get("threads", 1) or 1))
+        out["mem_mb"] = max(out["mem_mb"], int(res.get("mem_mb", 4000)))
+        if res.get("runtime", 60) == "auto":
+            fn = finetune_request if str(targets[t]["protocol"]).startswith("finetune") else sgd_linear_request
+            s = resolve(t, {k: x for k, x in targets[t].items() if k != "synthetic"})[0]
+            out["runtime"] += int(fn(config, t, targets[t], s, 0)["runtime"])
+        else:
+            out["runtime"] += int(res.get("runtime", 60))
+    return out
+
+
 def plan_requests(config: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per training job of the config's experiments: what it asks for and the work estimate behind it.
 
     ``requested_gpu_hours`` = GPUs x runtime x attempts (what the queue reserves at worst); ``gpu_hours`` is the
-    estimated work in V100-hours. Frozen-feature transfer jobs are listed with their configured request.
+    estimated work in V100-hours. Frozen-feature transfer jobs are listed with their configured request (with
+    the training targets they run on a CPU-only config: ``batched_request``).
     """
     from analysis.tables import variant_settings
     from analysis.target_settings import resolve, runs_alone
@@ -197,13 +224,15 @@ def plan_requests(config: Mapping[str, Any]) -> list[dict[str, Any]]:
             req["runtime"], req["attempts"] = int(pre["runtime"]), 1
         rows.append({"rule": "pretrain", "job": f"{d}/{v}", **req})
     targets = config.get("targets") or {}
-    batched = sorted({(d, v) for d, v, t in triples if not runs_alone(targets[t])})
+    batched = sorted({(d, v) for d, v, t in triples if not runs_alone(targets[t], config)})
     tr = _resources(config, "transfer")
     for d, v in batched:
+        names = [t for dd, vv, t in triples if (dd, vv) == (d, v) and not runs_alone(targets[t], config)]
         rows.append({"rule": "transfer", "job": f"{d}/{v}", "gpu": int(tr.get("gpu", 0)),
-                     "runtime": int(tr.get("runtime", 60)), "attempts": 1, "gpu_hours": float("nan")})  # fmt: skip
+                     "runtime": batched_request(config, names)["runtime"], "attempts": 1,
+                     "gpu_hours": float("nan")})  # fmt: skip
     for d, v, t in triples:
-        if not runs_alone(targets[t]):
+        if not runs_alone(targets[t], config):
             continue
         key = "finetune" if str(targets[t]["protocol"]).startswith("finetune") else "linear_sgd"
         res = _resources(config, key)

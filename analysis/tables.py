@@ -40,7 +40,7 @@ import pandas as pd
 import yaml
 
 from analysis.compose import composed_settings
-from analysis.target_settings import MANIFEST, runs_alone
+from analysis.target_settings import MANIFEST, runs_alone, trains
 
 log = logging.getLogger("analysis.tables")
 
@@ -248,12 +248,13 @@ def embedding_stats_path(results: str | Path, dataset: str, variant: str) -> Pat
 
 
 def transfer_dag_file(config: Mapping, path: str | Path) -> str:
-    """The file a job declares for ``path``: a batched frozen-feature target's result JSON is written by its
-    checkpoint's transfer job, whose declared output is the manifest beside it; any other path is its own."""
+    """The file a job declares for ``path``: a batched target's result JSON (every frozen-feature target, and a
+    training one on a CPU-only config: ``runs_alone``) is written by its checkpoint's transfer job, whose declared
+    output is the manifest beside it; any other path is its own."""
     p = Path(path)
     targets = config.get("targets") or {}
     if len(p.parts) >= 4 and p.parts[-4] == "transfer" and p.suffix == ".json" and p.stem in targets:
-        if not runs_alone(targets[p.stem]):
+        if not runs_alone(targets[p.stem], config):
             return str(p.parent / MANIFEST)
     return str(path)
 
@@ -271,9 +272,12 @@ def make_hint(path: Path, results: str | Path, config: Mapping | None = None) ->
     if parts[:1] == ("transfer",) and len(parts) == 4:
         spec = ((config or {}).get("targets") or {}).get(path.stem)
         manifest = path.parent / MANIFEST
-        batched = not runs_alone(spec) if spec is not None else manifest.is_file()
+        batched = not runs_alone(spec, config or {}) if spec is not None else manifest.is_file()
         if batched:  # -f: the job also reruns when its manifest exists but this file was lost
-            return f"`snakemake -f {manifest}` (rule transfer evaluates every frozen-feature target of the checkpoint)"
+            what = ("every frozen-feature target of the checkpoint, and on a CPU-only config its training ones "
+                    "(this one: it resumes from its state)") if spec is not None and trains(spec) else (
+                    "every frozen-feature target of the checkpoint")  # fmt: skip
+            return f"`snakemake -f {manifest}` (rule transfer evaluates {what})"
         rule = "finetune" if str(spec and spec.get("protocol")).startswith("finetune") else "linear_sgd"
         return f"`snakemake {path}` (rule {rule})" if spec is not None else f"`snakemake {path}`"
     rule = {"data": "subset/stats", "analysis": "embedding_stats",

@@ -358,16 +358,51 @@ PROTOCOL_CHECKS: dict[str, dict[str, Check]] = {
 }
 
 # Frozen-feature targets of one checkpoint run in one job and write this manifest beside their results
-# (rules/transfer.smk, rule transfer); the targets that train run alone (see ``runs_alone``).
+# (rules/transfer.smk, rule transfer); the targets that train run alone on GPUs (see ``runs_alone``).
 MANIFEST = "frozen-targets.json"
 
 
-def runs_alone(cfg: Mapping[str, Any]) -> bool:
-    """Whether a target gets a job of its own: fine-tuning, and MoCo's SGD linear recipe (100 augmented epochs
-    through the backbone), train for hours on GPUs with a resumable state, so a batched job must not redo the
-    cheap targets of its checkpoint because one of these timed out."""
+def trains(cfg: Mapping[str, Any]) -> bool:
+    """Whether a target trains for long with a resumable state: fine-tuning, and MoCo's SGD linear recipe (100
+    augmented epochs through the backbone). Where it runs is ``runs_alone``'s decision."""
     proto = cfg.get("protocol")
     return proto in FINETUNE_PROTOCOLS or (proto == "linear" and cfg.get("recipe") == "moco_sgd")
+
+
+def job_resources(config: Mapping[str, Any], cfg: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The resources section a training target's own job would take: ``transfer.finetune_resources`` for
+    fine-tuning, ``transfer.sgd_resources`` for the SGD linear recipe (each falling back as the rules do:
+    sgd -> finetune -> ``transfer.resources``); a frozen-feature target takes ``transfer.resources``."""
+    tr = config.get("transfer") or {}
+    base = tr.get("resources") or {}
+    if not trains(cfg):
+        return base
+    ft = tr.get("finetune_resources", base)
+    return ft if cfg.get("protocol") in FINETUNE_PROTOCOLS else tr.get("sgd_resources", ft)
+
+
+def _holds_gpu(res: Mapping[str, Any]) -> bool:
+    """``gpu: auto`` resolves to at least one GPU (analysis.job_cost.choose_gpus), a number to itself."""
+    g = res.get("gpu", 0)
+    return g == "auto" or int(g or 0) > 0
+
+
+def runs_alone(cfg: Mapping[str, Any], config: Mapping[str, Any]) -> bool:
+    """Whether target ``cfg`` gets a job of its own under study config ``config``: THE switch between the rules
+    `finetune` / `linear_sgd` (one job per checkpoint x target) and the checkpoint's batched `transfer` job.
+
+    Frozen-feature targets never run alone. A training target (``trains``) runs alone when its job would hold
+    a GPU (its resources' ``gpu`` is ``auto`` or > 0: paper.yaml), or when the checkpoint's transfer job holds
+    one: it trains for hours there, may ask for several GPUs, and a batched job must not redo the cheap targets
+    of its checkpoint because one of these timed out. On a CPU-only config (``gpu: 0`` for both, config.yaml and
+    the scale model) it runs inside the transfer job instead, after the frozen targets, with the same state
+    directory, seed, thread count and result file as its own job would have: the ~5 s of Python + torch
+    start-up per job is then paid once per checkpoint (rules/transfer.smk; analysis.transfer's
+    ``--training-json``).
+    """
+    if not trains(cfg):
+        return False
+    return _holds_gpu(job_resources(config, cfg)) or _holds_gpu((config.get("transfer") or {}).get("resources") or {})
 
 
 # ------------------------------------------------------------------------------------------ resolution

@@ -10,6 +10,16 @@ torch start-up, which dominates small evaluations, is paid once per checkpoint r
 Each target's JSON is written atomically as soon as it is done; a target that fails does not stop the others,
 and the command then exits non-zero naming every failed target.
 
+On a CPU-only config the first form also runs the checkpoint's training targets (fine-tuning through
+``analysis.finetune.finetune``, ``recipe: moco_sgd`` through ``analysis.linear_sgd``; the switch is
+``analysis.target_settings.runs_alone``), after the frozen ones. ``--training-json`` gives each its state
+directory and thread count, those its own job (rules finetune / linear_sgd) would have used, so its result is
+the one that job writes (plus ``batched``: the job it ran in and the key of its inputs) and a killed batch
+resumes it from its state. A training target whose result file already holds the same key (same checkpoint
+digest, target and config entry) is not run again; frozen targets are always re-evaluated (their features are
+cached). SIGTERM / SIGUSR1 then stop the job at the next step of a training target, or once the current frozen
+target is done, with the state saved and exit status ``RETRY_EXIT`` (75).
+
 The target JSON is one entry of the config's ``targets:``; ``analysis.target_settings`` lists its keys, their
 defaults, types and ranges. A target with an unknown key, no input size or a value out of range is refused
 with one line per problem (the workflow checks the same at plan time); every resolved setting is echoed into
@@ -19,8 +29,10 @@ the output, with the keys that came from the protocol's defaults, so a result fi
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -40,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--manifest", type=Path, default=None,
                     help="with --targets-json: once every target succeeded, a JSON listing each target's result "
                          "file, metric and value (the Snakemake rule's output)")  # fmt: skip
+    ap.add_argument("--training-json", default=None,
+                    help="with --targets-json: its training targets (fine-tuning, recipe: moco_sgd) as {name: "
+                         "{\"state_dir\": DIR, \"threads\": N}}: run after the frozen ones, resumable from DIR, "
+                         "with N torch threads")  # fmt: skip
     ap.add_argument("--target-json", help="one target's config entry as a JSON object (with --name, --out)")
     ap.add_argument("--name", help="target key (names the cache folder and the result)")
     ap.add_argument("--cache-dir", default="results/features", type=Path)
@@ -508,6 +524,107 @@ def _run_resumable(args: argparse.Namespace, name: str, cfg: dict, out: Path) ->
             dist.destroy_process_group()
 
 
+def _batch_key(sha: str, name: str, cfg: Mapping[str, Any]) -> str:
+    """What a batched training target's result is made from: the checkpoint's digest, the target's name and its
+    config entry (its settings resolve from that alone)."""
+    key = {"checkpoint_sha256": sha, "target": name, "config": cfg}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _finished(out: Path, key: str) -> dict | None:
+    """The result in ``out`` when a batched run made it from the same inputs (``_batch_key``), else None."""
+    try:
+        res = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(res, dict) or (res.get("batched") or {}).get("key") != key:
+        return None
+    value = res.get("value")
+    return res if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _run_training(args: argparse.Namespace, name: str, cfg: dict, out: Path, spec: Mapping[str, Any],
+                  stop: Any) -> dict[str, Any]:  # fmt: skip
+    """One training target inside the batched job, as its own job runs it: the same state directory (resume),
+    seed and thread count, and the same result record."""
+    threads = torch.get_num_threads()
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    try:
+        state_dir = Path(spec["state_dir"]) if spec.get("state_dir") else None
+        if cfg.get("protocol") in target_settings.FINETUNE_PROTOCOLS:
+            from analysis import finetune  # here: a job of frozen targets loads no dense model
+
+            state_dir = state_dir or out.with_name(out.stem + ".state")  # analysis.finetune's default
+            return finetune.finetune(args.checkpoint, name, cfg, state_dir=state_dir, device=args.device,
+                                     progress=not args.no_progress, stop=stop)  # fmt: skip
+        return run_target(args.checkpoint, name, cfg, args.cache_dir, device=args.device, out=out,
+                          progress=not args.no_progress, state_dir=state_dir, stop=stop)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_batch(args: argparse.Namespace, jobs: dict[str, tuple[dict, Path]], training: Mapping[str, Any]) -> int:
+    """The first form: every target of one checkpoint, the frozen ones first, then the training ones (see the
+    module docstring); the manifest once all of them are done."""
+    import contextlib
+
+    from analysis.features import file_sha256
+    from study.runstate import RunStopped, StopSignals, signal_name
+
+    order = sorted(jobs, key=lambda n: target_settings.trains(jobs[n][0]))  # stable: frozen targets first
+    trained = [n for n in order if target_settings.trains(jobs[n][0])]
+    failed, done = [], {}
+    # the signals become a flag only where a target trains (a frozen-only job stops at once, as it always did)
+    signals = StopSignals() if trained else contextlib.nullcontext()
+    with signals as stop:
+        for i, name in enumerate(order, 1):
+            cfg, out = jobs[name]
+            if stop is not None and stop.received:  # between targets: nothing to save
+                log.warning("received %s after %d of %d targets; exiting with status %d so that the job is retried "
+                            "(finished targets keep their results)", signal_name(stop.received), i - 1, len(order),
+                            RETRY_EXIT)  # fmt: skip
+                return RETRY_EXIT
+            key = _batch_key(file_sha256(args.checkpoint, args.cache_dir), name, cfg) if name in trained else None
+            if key is not None and (result := _finished(out, key)) is not None:
+                log.info("[%d/%d] %s (%s): %s holds its result for this checkpoint and config; not run again",
+                         i, len(order), name, cfg.get("protocol"), out)  # fmt: skip
+            else:
+                spec = training.get(name, {})
+                where = (f" (training; state {spec.get('state_dir') or 'default'}, {spec.get('threads') or 'all'} "
+                         "thread(s))") if key is not None else ""  # fmt: skip
+                log.info("[%d/%d] %s (%s) on %s%s", i, len(order), name, cfg.get("protocol"), args.checkpoint, where)
+                try:
+                    if key is not None:
+                        result = _run_training(args, name, cfg, out, spec, stop)
+                        result["batched"] = {"job": "transfer", "key": key}
+                    else:
+                        result = run_target(args.checkpoint, name, cfg, args.cache_dir, device=args.device, out=out,
+                                            progress=not args.no_progress)  # fmt: skip
+                except RunStopped as exc:  # not a failure: the state is saved; one line, then the retry status
+                    log.warning("%s", exc)
+                    return exc.exit_code
+                except (TargetError, CheckpointArchError, FileNotFoundError) as exc:  # config / data: no traceback
+                    log.error("target %s failed: %s", name, exc)
+                    failed.append(f"{name}: {exc}")
+                    continue
+                except Exception as exc:  # keep evaluating the other targets; report every failure at the end
+                    log.exception("target %s failed: %s", name, exc)
+                    failed.append(f"{name}: {type(exc).__name__}: {exc}")
+                    continue
+                write_json_atomic(result, out)
+                log.info("%s %s = %.4f (%.1fs) -> %s", name, result["metric"], result["value"], result["seconds"],
+                         out)  # fmt: skip
+            done[name] = {"result": str(out), "metric": result["metric"], "value": result["value"]}
+    if failed:
+        print(f"error: {len(failed)} of {len(jobs)} target(s) failed for {args.checkpoint}:\n  "
+              + "\n  ".join(failed), file=sys.stderr)  # fmt: skip
+        return 1
+    if args.manifest is not None:  # written last: its presence says every target of the checkpoint is done
+        write_json_atomic({"checkpoint": str(args.checkpoint), "targets": done}, args.manifest)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -528,6 +645,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("pass --targets-json with --out-dir, or --target-json with --name and --out")
     if args.manifest is not None and args.targets_json is None:
         ap.error("--manifest goes with --targets-json")
+    training: dict[str, dict] = {}
+    if args.training_json is not None:
+        if args.targets_json is None:
+            ap.error("--training-json goes with --targets-json")
+        training = _json_object(args.training_json, "--training-json", ap)
+        bad = sorted(n for n, v in training.items() if n not in jobs or not isinstance(v, dict)
+                     or not target_settings.trains(jobs[n][0]))  # fmt: skip
+        if bad:
+            ap.error(f"--training-json: {bad} must be training targets of --targets-json (fine-tuning or "
+                     "recipe: moco_sgd), each a JSON object")  # fmt: skip
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if args.log:
         args.log.parent.mkdir(parents=True, exist_ok=True)
@@ -543,30 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.state_dir is not None or distributed:
         [(name, (cfg, out))] = jobs.items()
         return _run_resumable(args, name, cfg, out)
-    failed, done = [], {}
-    for i, (name, (cfg, out)) in enumerate(jobs.items(), 1):
-        log.info("[%d/%d] %s (%s) on %s", i, len(jobs), name, cfg.get("protocol"), args.checkpoint)
-        try:
-            result = run_target(args.checkpoint, name, cfg, args.cache_dir, device=args.device, out=out,
-                                progress=not args.no_progress)  # fmt: skip
-        except (TargetError, CheckpointArchError, FileNotFoundError) as exc:  # a config / data problem: no traceback
-            log.error("target %s failed: %s", name, exc)
-            failed.append(f"{name}: {exc}")
-            continue
-        except Exception as exc:  # keep evaluating the other targets; report every failure at the end
-            log.exception("target %s failed: %s", name, exc)
-            failed.append(f"{name}: {type(exc).__name__}: {exc}")
-            continue
-        write_json_atomic(result, out)
-        done[name] = {"result": str(out), "metric": result["metric"], "value": result["value"]}
-        log.info("%s %s = %.4f (%.1fs) -> %s", name, result["metric"], result["value"], result["seconds"], out)
-    if failed:
-        print(f"error: {len(failed)} of {len(jobs)} target(s) failed for {args.checkpoint}:\n  "
-              + "\n  ".join(failed), file=sys.stderr)  # fmt: skip
-        return 1
-    if args.manifest is not None:  # written last: its presence says every target of the checkpoint is done
-        write_json_atomic({"checkpoint": str(args.checkpoint), "targets": done}, args.manifest)
-    return 0
+    return _run_batch(args, jobs, training)
 
 
 if __name__ == "__main__":

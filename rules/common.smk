@@ -3,6 +3,7 @@ import json
 import os
 import shlex
 import sys
+from argparse import Namespace
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -30,7 +31,7 @@ from analysis.grid import GridError, check_grid, select_experiments
 from analysis.tables import ReportConfigError
 from analysis import job_cost
 from analysis import placement
-from analysis.target_settings import FINETUNE_PROTOCOLS, MANIFEST, TargetSpecError, check_targets, runs_alone
+from analysis.target_settings import FINETUNE_PROTOCOLS, MANIFEST, TargetSpecError, check_targets, runs_alone, trains
 from analysis.target_settings import resolve as resolve_target
 
 try:
@@ -118,20 +119,23 @@ def transfer_triples():
     return triples
 
 
-FINETUNE_TARGETS = sorted(t for t, c in TARGETS.items() if c.get("protocol") in FINETUNE_PROTOCOLS)
-# MoCo's SGD linear recipe trains for hours too: a job of its own (analysis.target_settings.runs_alone)
-SGD_TARGETS = sorted(t for t, c in TARGETS.items() if runs_alone(c) and t not in FINETUNE_TARGETS)
+# Targets that train (fine-tuning; MoCo's SGD linear recipe) get a job of their own when it would hold a GPU, and
+# run inside their checkpoint's transfer job on a CPU-only config: analysis.target_settings.runs_alone decides.
+FINETUNE_TARGETS = sorted(
+    t for t, c in TARGETS.items() if c.get("protocol") in FINETUNE_PROTOCOLS and runs_alone(c, config)
+)
+SGD_TARGETS = sorted(t for t, c in TARGETS.items() if runs_alone(c, config) and t not in FINETUNE_TARGETS)
 
 
 def transfer_batches():
-    """(dataset, variant) -> its batched frozen-feature targets, in a stable order: one transfer job evaluates
-    them on one checkpoint and lists them in its manifest. Fine-tuning and SGD linear targets get one job each
-    (they train for hours and may ask for GPUs)."""
+    """(dataset, variant) -> the targets its one transfer job evaluates, in a stable order: the frozen-feature
+    targets, then (CPU-only config) the training ones, which the transfer CLI runs last. Training targets that
+    hold a GPU get one job each (rules finetune / linear_sgd: they train for hours and may ask for several)."""
     batches = {}
     for d, v, t in transfer_triples():
-        if not runs_alone(TARGETS[t]):
+        if not runs_alone(TARGETS[t], config):
             batches.setdefault((d, v), []).append(t)
-    return batches
+    return {k: sorted(ts, key=lambda t: trains(TARGETS[t])) for k, ts in batches.items()}  # stable: frozen first
 
 
 BATCHES = transfer_batches()
@@ -140,7 +144,7 @@ BATCHES = transfer_batches()
 def transfer_targets():
     """What `all` asks of the transfer stage: each checkpoint's manifest, and the targets that run alone."""
     return [f"{RES}/transfer/{d}/{v}/{MANIFEST}" for d, v in BATCHES] + [
-        f"{RES}/transfer/{d}/{v}/{t}.json" for d, v, t in transfer_triples() if runs_alone(TARGETS[t])
+        f"{RES}/transfer/{d}/{v}/{t}.json" for d, v, t in transfer_triples() if runs_alone(TARGETS[t], config)
     ]
 
 
@@ -276,14 +280,52 @@ def sgd_target_json(wildcards, threads, gpu):
     return quoted_json(spec)
 
 
+def _batch(wildcards):
+    return BATCHES.get((wildcards.dataset, wildcards.variant), [])
+
+
 def batch_targets_json(wildcards):
-    """The batched targets of one checkpoint, as the transfer CLI's --targets-json word."""
-    return targets_json(wildcards.variant, BATCHES.get((wildcards.dataset, wildcards.variant), []))
+    """The batched targets of one checkpoint, as the transfer CLI's --targets-json word (an SGD linear target
+    with the worker count its own job would pass: sgd_workers)."""
+    specs = {t: target_spec(wildcards.variant, t) for t in _batch(wildcards)}
+    for t in specs:
+        if TARGETS[t].get("protocol") not in FINETUNE_PROTOCOLS and trains(TARGETS[t]):
+            specs[t]["num_workers"] = sgd_workers(Namespace(variant=wildcards.variant, target=t), 1, 0)
+    return quoted_json(specs)
+
+
+def batch_request(wildcards):
+    """The transfer job's threads, mem_mb and runtime (analysis.job_cost.batched_request)."""
+    try:
+        return job_cost.batched_request(config, _batch(wildcards))
+    except job_cost.EstimateError as exc:
+        raise WorkflowError(str(exc)) from None
+
+
+def batch_training_json(wildcards, threads):
+    """The training targets a CPU-only config runs in this transfer job, as the --training-json option (empty
+    when there are none): each one's state directory (the one its own job would use: results/finetune/ or
+    results/linear_sgd/) and the threads its own job would have got (its resources' threads, capped by what this
+    job got), so its numbers are the same. The frozen targets use the job's threads, as before."""
+    out = {}
+    for t in _batch(wildcards):
+        if trains(TARGETS[t]):
+            kind = "finetune" if TARGETS[t]["protocol"] in FINETUNE_PROTOCOLS else "linear_sgd"
+            res = FT_RES if kind == "finetune" else SGD_RES
+            out[t] = {"state_dir": f"{RES}/{kind}/{wildcards.dataset}/{wildcards.variant}/{t}",
+                      "threads": min(int(threads), placement.job_threads(res, 0))}  # fmt: skip
+    return f"--training-json {quoted_json(out)}" if out else ""
+
+
+def batch_priority(wildcards):
+    """A transfer job that fine-tunes starts as soon as its checkpoint exists, the longest (steps) first, as the
+    finetune jobs do (finetune_priority)."""
+    return max([float(TARGETS[t].get("steps") or 0) for t in _batch(wildcards) if trains(TARGETS[t])], default=0)
 
 
 def batch_inputs(wildcards):
     """The synthetic world, when a batched target of this checkpoint reads it."""
-    ts = BATCHES.get((wildcards.dataset, wildcards.variant), [])
+    ts = _batch(wildcards)
     return [f"{SYN}/world.json"] if any(TARGETS[t].get("synthetic") for t in ts) else []
 
 

@@ -2,6 +2,10 @@
 # one process (start-up paid once), writing one JSON per target and then the checkpoint's manifest, the job's
 # declared output (the target list differs per checkpoint, so it cannot be the rule's outputs); features are
 # cached per checkpoint. One rule for every checkpoint, so `--set-resources transfer:...` reaches all of them.
+# On a CPU-only config (analysis.target_settings.runs_alone) the same job also runs the checkpoint's training
+# targets (fine-tuning, SGD linear), last, each with the state directory, threads and result file of the job it
+# would otherwise have had (rules finetune / linear_sgd below), so a killed job resumes them; the job's request
+# is then the larger threads / memory and the summed runtime (analysis.job_cost.batched_request).
 rule transfer:
     input:
         ckpt=f"{RES}/pretrain/{{dataset}}/{{variant}}/checkpoint.pt",
@@ -11,12 +15,14 @@ rule transfer:
     params:
         py=PY,
         targets=batch_targets_json,
+        training=lambda wc, threads: batch_training_json(wc, threads),
         out_dir=lambda wc, output: os.path.dirname(output[0]),
         cache=TR.get("cache", f"{RES}/features"),
-    threads: TR_RES.get("threads", 1)
+    threads: lambda wc: batch_request(wc)["threads"]
+    priority: batch_priority
     resources:
-        mem_mb=TR_RES.get("mem_mb", 4000),
-        runtime=TR_RES.get("runtime", 60),
+        mem_mb=lambda wc: batch_request(wc)["mem_mb"],
+        runtime=lambda wc: batch_request(wc)["runtime"],
         gpu=TR_RES.get("gpu", 0),
         nodes=1,
         **site(TR_RES.get("gpu", 0)),
@@ -27,14 +33,16 @@ rule transfer:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} {params.py} -m analysis.transfer --checkpoint {input.ckpt} "
-        "--targets-json {params.targets} --cache-dir {params.cache} --out-dir {params.out_dir} "
-        "--manifest {output} --no-progress 2> {log}"
+        "echo \"=== attempt started $(date -Is) on $(hostname)\" >> {log}; "
+        "OMP_NUM_THREADS={threads} exec {params.py} -m analysis.transfer --checkpoint {input.ckpt} "
+        "--targets-json {params.targets} {params.training} --cache-dir {params.cache} --out-dir {params.out_dir} "
+        "--manifest {output} --no-progress 2>> {log}"
 
 
-# Fine-tuning (protocols finetune_seg / finetune_det / finetune_depth): one job per checkpoint x target, with
-# its own resources (transfer.finetune_resources; gpu > 1 -> the pretraining launcher, DDP + SyncBN). The run
-# state in results/finetune/ lets a killed job resume where it stopped.
+# Fine-tuning (protocols finetune_seg / finetune_det / finetune_depth) on GPUs: one job per checkpoint x target,
+# with its own resources (transfer.finetune_resources; gpu > 1 -> the pretraining launcher, DDP + SyncBN). The
+# run state in results/finetune/ lets a killed job resume where it stopped. With `gpu: 0` (and a CPU transfer
+# job) these targets run in rule transfer instead and this rule is not defined.
 if FINETUNE_TARGETS:
 
     rule finetune:
@@ -72,9 +80,10 @@ if FINETUNE_TARGETS:
             "--no-progress >> {log} 2>&1"
 
 
-# MoCo's SGD linear recipe (ImageNet linear: 100 augmented epochs through the frozen backbone): one job per
-# checkpoint x target, with its own resources (transfer.sgd_resources; gpu > 1 -> the pretraining launcher,
-# DDP) and a per-epoch resumable state in results/linear_sgd/, so a job killed at its time limit resumes.
+# MoCo's SGD linear recipe (ImageNet linear: 100 augmented epochs through the frozen backbone) on GPUs: one job
+# per checkpoint x target, with its own resources (transfer.sgd_resources; gpu > 1 -> the pretraining launcher,
+# DDP) and a per-epoch resumable state in results/linear_sgd/, so a job killed at its time limit resumes. With
+# `gpu: 0` (and a CPU transfer job) these targets run in rule transfer instead.
 if SGD_TARGETS:
 
     rule linear_sgd:

@@ -366,9 +366,13 @@ def test_missing_input_names_file_and_snakemake_target(results, tmp_path):
     assert str(missing) in str(err.value) and f"`snakemake -f {manifest}` (rule transfer" in str(err.value)
     assert str(missing) in T.table_inputs(make_config(), results, ["table4"])
     assert T.transfer_dag_file(make_config(), missing) == str(manifest)
-    ft = T.transfer_path(results, "syn_in", "moco_v2", "syn_voc_seg_ft")  # a job of its own: itself
-    assert T.transfer_dag_file(make_config(), ft) == str(ft)
-    assert T.make_hint(ft, results, make_config()) == f"`snakemake {ft}` (rule finetune)"
+    ft = T.transfer_path(results, "syn_in", "moco_v2", "syn_voc_seg_ft")
+    gpu = {**make_config(), "transfer": {"finetune_resources": {"gpu": 1}}}  # a job of its own: itself
+    assert T.transfer_dag_file(gpu, ft) == str(ft)
+    assert T.make_hint(ft, results, gpu) == f"`snakemake {ft}` (rule finetune)"
+    ft_manifest = ft.parent / "frozen-targets.json"  # no GPU anywhere: it runs in the checkpoint's transfer job
+    assert T.transfer_dag_file(make_config(), ft) == str(ft_manifest)
+    assert T.make_hint(ft, results, make_config()).startswith(f"`snakemake -f {ft_manifest}` (rule transfer")
 
 
 def test_markdown_latex_formatting(results, tmp_path):

@@ -116,14 +116,14 @@ def test_paper_config_plans_every_experiment_with_its_transfer_jobs_once_roots_e
         for d in spec["datasets"]:
             for v in spec["variants"]:
                 for t in spec["targets"]:
-                    (alone.add((d, v, t)) if runs_alone(cfg["targets"][t]) else batched.add((d, v)))
+                    (alone.add((d, v, t)) if runs_alone(cfg["targets"][t], cfg) else batched.add((d, v)))
     assert counts["transfer"] == len(batched)  # one job per checkpoint for its frozen-feature targets
     sgd = {(d, v, t) for d, v, t in alone if cfg["targets"][t].get("recipe") == "moco_sgd"}
-    assert sgd and counts["linear_sgd"] == len(sgd)  # ImageNet linear: a job of its own per checkpoint
+    assert sgd and counts["linear_sgd"] == len(sgd)  # ImageNet linear on GPUs: a job of its own per checkpoint
     ft = {(d, v, t) for e in cfg["experiments"].values() for d in e["datasets"] for v in e["variants"]
           for t in e["targets"] if cfg["targets"][t]["protocol"].startswith("finetune_")}  # fmt: skip
     assert {t for _, _, t in ft} == {"voc_seg_ft", "cityscapes_seg_ft", "nyud_seg_ft", "voc_det_ft", "nyud_depth_ft"}
-    assert counts["finetune"] == len(ft)  # one job per checkpoint x fine-tuning target
+    assert counts["finetune"] == len(ft)  # on GPUs: one job per checkpoint x fine-tuning target
     assert counts["tables"] == counts["figures"] == 1
 
 
@@ -153,7 +153,7 @@ def test_one_transfer_rule_takes_resources_for_every_checkpoint_and_writes_a_man
     assert res.returncode == 0, res.stdout + res.stderr
     blocks = [b for b in res.stdout.split("\n\n") if "rule transfer:" in b]
     pairs = {(d, v) for e in cfg["experiments"].values() for d in e["datasets"] for v in e["variants"]
-             if any(not runs_alone(cfg["targets"][t]) for t in e.get("targets", []))}  # fmt: skip
+             if any(not runs_alone(cfg["targets"][t], cfg) for t in e.get("targets", []))}  # fmt: skip
     assert len(blocks) == len(pairs) == _job_counts(res.stdout)["transfer"]
     assert all("mem_mb=1234" in b and "frozen-targets.json" in b and "--manifest " in b for b in blocks)
 
