@@ -17,7 +17,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ import pytest
 import torch
 import yaml
 from test_finetune import make_checkpoint
+from test_preemption import _step_of, _wait_for, one_thread  # noqa: F401  (one_thread: autouse fixture)
 from test_workflow import SNAKEMAKE, _job_counts
 
 from analysis import finetune, scale_model, transfer
@@ -38,24 +38,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # what the rules give a CPU job of
 STEPS = 40
 
 
-def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 120.0) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert proc.poll() is None, f"the run ended before {what}: " + proc.stdout.read()[-3000:]
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
-def _step_of(path: Path) -> int:
-    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
