@@ -575,6 +575,7 @@ def _run_batch(args: argparse.Namespace, jobs: dict[str, tuple[dict, Path]], tra
     order = sorted(jobs, key=lambda n: target_settings.trains(jobs[n][0]))  # stable: frozen targets first
     trained = [n for n in order if target_settings.trains(jobs[n][0])]
     failed, done = [], {}
+    sha = file_sha256(args.checkpoint, args.cache_dir) if trained else ""  # once per job, not per target
     # the signals become a flag only where a target trains (a frozen-only job stops at once, as it always did)
     signals = StopSignals() if trained else contextlib.nullcontext()
     with signals as stop:
@@ -585,7 +586,7 @@ def _run_batch(args: argparse.Namespace, jobs: dict[str, tuple[dict, Path]], tra
                             "(finished targets keep their results)", signal_name(stop.received), i - 1, len(order),
                             RETRY_EXIT)  # fmt: skip
                 return RETRY_EXIT
-            key = _batch_key(file_sha256(args.checkpoint, args.cache_dir), name, cfg) if name in trained else None
+            key = _batch_key(sha, name, cfg) if name in trained else None
             if key is not None and (result := _finished(out, key)) is not None:
                 log.info("[%d/%d] %s (%s): %s holds its result for this checkpoint and config; not run again",
                          i, len(order), name, cfg.get("protocol"), out)  # fmt: skip
