@@ -1,0 +1,5 @@
+"""Transfer evaluation, fine-tuning, DAG planning and the report."""
+
+from study.importhooks import install as _install_import_hooks
+
+_install_import_hooks()  # torchvision without TorchDynamo at import: study/importhooks.py
