@@ -42,6 +42,7 @@ bench: $(STAMP) bench-dag bench-startup
 	$(PY) benchmarks/loader.py
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/scale_step.py
+	$(PY) benchmarks/demo_pretrain.py
 
 # Planning CPU of `snakemake -n` at ~250 / 500 / 1,000 jobs, with and without the composition cache (~1 min)
 bench-dag: $(STAMP)
