@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from analysis.target_settings import IMAGENET_MEAN, IMAGENET_STD
 from analysis.targets import ImageSplit, SegmentationSplit
+from data_prep.records import atomic_write_text, temp_for
 from study.runstate import first_line
 
 log = logging.getLogger(__name__)
@@ -124,14 +125,6 @@ def tensor_sha256(t: torch.Tensor) -> str:
     h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
     h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
     return h.hexdigest()
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_checkpoint(path: str | Path, expect_arch: str | None = None, target: str | None = None) -> dict:
@@ -355,10 +348,12 @@ class FeatureExtractor:
             "spec": json.dumps(spec.key_dict()),
             "content_sha256": tensor_sha256(feats),  # checked on every read: any change to the tensor is caught
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
+        tmp = temp_for(path)  # per process: another job may be writing the same cache entry
+        try:
+            torch.save(blob, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return blob
 
     @torch.no_grad()

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -140,17 +141,19 @@ def make_keys(rel_paths: Sequence[str]) -> list[str]:
     return keys
 
 
-def _temp_for(path: Path) -> Path:
-    """Hidden, per-process temp name next to `path` (same filesystem, so os.replace is atomic; created with
-    open() so the final file gets the usual umask permissions, unlike mkstemp's 0600)."""
+def temp_for(path: Path) -> Path:
+    """Hidden temp name next to `path`, unique to this process and thread (same filesystem, so os.replace is
+    atomic; created with open() so the final file gets the usual umask permissions, unlike mkstemp's 0600).
+    Jobs that share a cache (a checkpoint's transfer, SGD-linear and fine-tuning jobs run at once) may write
+    the same file together: each writes its own temp file and the last rename wins, never a missing temp."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write via a temp file in the same directory + os.replace, so readers never see half a file."""
     path = Path(path)
-    tmp = _temp_for(path)
+    tmp = temp_for(path)
     try:
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
@@ -177,7 +180,7 @@ def record_to_row(rec: Record) -> list[str]:
 def write_subset_csv(records: Iterable[Record], path: str | Path) -> None:
     """Write subset.csv atomically, columns in the contract's order."""
     path = Path(path)
-    tmp = _temp_for(path)
+    tmp = temp_for(path)
     try:
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             w = csv.writer(f, lineterminator="\n")

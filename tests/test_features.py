@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import multiprocessing
+import os
 
 import numpy as np
 import pytest
@@ -379,3 +382,28 @@ def test_cli_batch_evaluates_every_target_of_a_checkpoint_and_names_the_failed_o
                                     "value": json.loads((out_dir / "toy_linear.json").read_text())["value"]}
     with pytest.raises(SystemExit):  # --targets-json without --out-dir
         transfer.main(["--checkpoint", str(ckpt_std), "--targets-json", json.dumps(specs)])
+
+
+def _hash_repeatedly(ckpt: str, cache: str, times: int) -> set[str]:
+    sidecars = os.path.join(cache, "checkpoints")
+    seen = set()
+    for _ in range(times):
+        for name in os.listdir(sidecars) if os.path.isdir(sidecars) else []:
+            if name.endswith(".json"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(sidecars, name))  # force a fresh write every time
+        seen.add(features.file_sha256(ckpt, cache))
+    return seen
+
+
+def test_jobs_hashing_one_checkpoint_at_once_share_the_cache_without_failing(tmp_path):
+    """A checkpoint's transfer, SGD-linear and fine-tuning jobs start together on a GPU cluster, and each
+    writes the checkpoint's hash into the shared cache. With one fixed temp name the second rename found no
+    temp file and failed its job (seen on the local SLURM); each writer now has its own temp file."""
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(np.random.default_rng(0).bytes(1 << 16))
+    cache = tmp_path / "cache"
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        got = pool.starmap(_hash_repeatedly, [(str(ckpt), str(cache), 150)] * 3)
+    assert set().union(*got) == {hashlib.sha256(ckpt.read_bytes()).hexdigest()}
+    assert [p.name for p in (cache / "checkpoints").iterdir() if p.name.endswith(".tmp")] == []
